@@ -1,0 +1,139 @@
+"""Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
+
+Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "state"}.
+Server frames: "message" (the saved user message), "reply.start", "delta" {seq, text|reasoning},
+"reply.status", "reply.end", "state" and "error" {code, message}.
+"""
+
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.http import Http404
+
+from . import events, generation
+from .conversations import (
+    ClientError,
+    conversation_get_for_user,
+    conversation_set_model,
+    last_reply,
+    message_to_dict,
+    model_get_for_user,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 100_000
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    conversation = None
+
+    # ---- socket hooks ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            self.conversation = await database_sync_to_async(conversation_get_for_user)(
+                user, self.scope["url_route"]["kwargs"]["conversation_id"]
+            )
+        except Http404:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.group = events.conversation_group(self.conversation.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await self.send_state()
+
+    async def disconnect(self, code: int) -> None:
+        # The reply goes on without us: generation is not tied to the socket.
+        if self.conversation is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
+        try:
+            if text_data is None:
+                raise ClientError("bad_frame", "Frames must be JSON text.")
+            try:
+                content = json.loads(text_data)
+            except ValueError:
+                raise ClientError("bad_frame", "That frame is not valid JSON.") from None
+            if not isinstance(content, dict):
+                raise ClientError("bad_frame", "A frame must be a JSON object with a type.")
+            await self.receive_json(content)
+        except ClientError as exc:
+            await self.send_json({"type": "error", "code": exc.code, "message": exc.message})
+        except Exception:
+            log.exception("websocket frame failed")
+            await self.send_json(
+                {"type": "error", "code": "server_error", "message": "Something went wrong."}
+            )
+
+    async def receive_json(self, content: dict, **kwargs) -> None:
+        handler = {
+            "send": self.handle_send,
+            "stop": self.handle_stop,
+            "state": self.handle_state,
+        }.get(content.get("type"))
+        if handler is None:
+            raise ClientError("unknown_type", f"Unknown frame type {content.get('type')!r}.")
+        await handler(content)
+
+    # ---- client commands ---------------------------------------------------------------------
+
+    async def handle_send(self, content: dict) -> None:
+        text = content.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ClientError("empty", "Type a message first.")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ClientError(
+                "too_long", f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters."
+            )
+        user = self.scope["user"]
+        # Re-read through the access getter: the conversation (and the user) may have changed.
+        conversation = await database_sync_to_async(conversation_get_for_user)(
+            user, self.conversation.pk
+        )
+        if content.get("model") is not None:
+            model = await database_sync_to_async(model_get_for_user)(user, content["model"])
+            await database_sync_to_async(conversation_set_model)(
+                conversation=conversation, model=model
+            )
+        user_message, reply = await generation.reply_send(conversation=conversation, text=text)
+        await events.broadcast(
+            conversation.pk,
+            {
+                "type": "message",
+                "message": message_to_dict(user_message),
+                "reply": message_to_dict(reply),
+                "title": conversation.title,
+                "client_id": content.get("client_id"),
+            },
+        )
+
+    async def handle_stop(self, content: dict) -> None:
+        if not await generation.reply_stop(conversation=self.conversation):
+            raise ClientError("not_streaming", "No reply is being written.")
+
+    async def handle_state(self, content: dict) -> None:
+        await self.send_state()
+
+    async def send_state(self) -> None:
+        state = await generation.reply_state(conversation=self.conversation)
+        frame = {"type": "state", "reply": state}
+        if state is None:
+            # A reply may have ended while this socket was away: send its final form.
+            last = await database_sync_to_async(last_reply)(self.conversation)
+            frame["last"] = message_to_dict(last) if last else None
+        await self.send_json(frame)
+
+    # ---- channel-layer events ----------------------------------------------------------------
+
+    async def chat_frame(self, event: dict) -> None:
+        await self.send(text_data=event["text"])

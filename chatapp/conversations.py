@@ -1,0 +1,146 @@
+"""Conversations and messages: the access getter, every write, and their wire shapes.
+
+Synchronous ORM code; async callers go through database_sync_to_async.
+"""
+
+from django.db import transaction
+from django.http import Http404
+
+from .model_catalog import models_for_user
+from .models import Conversation, Message, ModelConfig
+
+TITLE_MAX = 80
+
+
+class ClientError(Exception):
+    """A refusal the user sees as {"type": "error", "code", "message"}."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def conversation_get_for_user(user, pk) -> Conversation:
+    """The one access rule for a conversation: raises Http404 when the user may not see it."""
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such conversation")
+    try:
+        return Conversation.objects.select_related("model__provider").get(pk=pk, owner=user)
+    except (Conversation.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such conversation") from None
+
+
+def conversation_list_for_user(user) -> list[Conversation]:
+    return list(Conversation.objects.filter(owner=user).only("id", "title", "updated_at")[:200])
+
+
+def model_get_for_user(user, model_pk) -> ModelConfig:
+    for model in models_for_user(user):
+        if str(model.pk) == str(model_pk):
+            return model
+    raise ClientError("model_unavailable", "That model is not available to you.")
+
+
+def conversation_create(*, owner, model: ModelConfig | None) -> Conversation:
+    return Conversation.objects.create(owner=owner, model=model)
+
+
+def title_from_text(text: str) -> str:
+    """The first non-empty line, trimmed."""
+    for line in text.splitlines():
+        if line.strip():
+            title = " ".join(line.split())
+            return title if len(title) <= TITLE_MAX else title[: TITLE_MAX - 1] + "…"
+    return ""
+
+
+def conversation_set_model(*, conversation: Conversation, model: ModelConfig) -> None:
+    if conversation.model_id != model.pk:
+        conversation.model = model
+        conversation.save(update_fields=["model", "updated_at"])
+
+
+@transaction.atomic
+def turn_start(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
+    """Commit the user's message and an empty streaming reply, before any upstream call."""
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if locked.messages.filter(status=Message.Status.STREAMING).exists():
+        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    user_message = Message.objects.create(
+        conversation=locked, role=Message.Role.USER, content=text, status=Message.Status.COMPLETE
+    )
+    reply = Message.objects.create(
+        conversation=locked,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=conversation.model,
+    )
+    fields = ["updated_at"]
+    if not locked.title:
+        locked.title = title_from_text(text)
+        conversation.title = locked.title
+        fields.append("title")
+    locked.save(update_fields=fields)
+    return user_message, reply
+
+
+def history_for_request(conversation: Conversation, *, before: Message) -> list[dict]:
+    """The OpenAI message list for a reply: system prompt, then every earlier turn as stored.
+
+    Built the same way every turn, so turn N+1's list starts with turn N's list plus its reply.
+    """
+    messages: list[dict] = []
+    if conversation.system_prompt:
+        messages.append({"role": "system", "content": conversation.system_prompt})
+    earlier = conversation.messages.filter(id__lt=before.id).only(
+        "role", "content", "status", "tool_calls", "reasoning", "reasoning_details"
+    )
+    for message in earlier:
+        if message.role == Message.Role.ASSISTANT:
+            if not message.content and not message.tool_calls:
+                continue  # a reply that failed before any text: nothing to send back
+            entry: dict = {"role": "assistant"}
+            if message.content:
+                entry["content"] = message.content
+            if message.tool_calls:
+                entry["tool_calls"] = message.tool_calls
+                entry["reasoning_content"] = message.reasoning
+            messages.append(entry)
+        else:
+            messages.append({"role": "user", "content": message.content})
+    return messages
+
+
+def message_to_dict(message: Message) -> dict:
+    """The shape the page renders (history in the page and the final reply frame)."""
+    model = message.model
+    return {
+        "id": message.pk,
+        "role": message.role,
+        "content": message.content,
+        "reasoning": message.reasoning,
+        "status": message.status,
+        "error": message.error,
+        "finish_reason": message.finish_reason,
+        "seq": message.seq,
+        "model": model.display_name if model else None,
+        "prompt_tokens": message.prompt_tokens,
+        "cached_tokens": message.cached_tokens,
+        "completion_tokens": message.completion_tokens,
+        "ttft_ms": message.time_to_first_token_ms,
+        "created_at": message.created_at.isoformat() if message.created_at else None,
+    }
+
+
+def last_reply(conversation: Conversation) -> Message | None:
+    return (
+        conversation.messages.filter(role=Message.Role.ASSISTANT)
+        .select_related("model")
+        .order_by("-id")
+        .first()
+    )
+
+
+def conversation_messages(conversation: Conversation) -> list[dict]:
+    return [message_to_dict(m) for m in conversation.messages.select_related("model")]

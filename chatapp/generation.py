@@ -1,0 +1,363 @@
+"""The life of one assistant reply: the only module that talks to both a provider and the
+channel layer.
+
+A reply runs as its own asyncio task, not tied to any socket: closing the tab does not stop it.
+Deltas are coalesced into one frame per STREAM_FLUSH_INTERVAL and numbered (seq) so a socket that
+(re)attaches gets the text so far with its seq, then live deltas from seq+1. The database is
+written at the start, at most once per STREAM_CHECKPOINT_INTERVAL, and at the end; never per
+token.
+"""
+
+import asyncio
+import logging
+import random
+import time
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+
+from . import events
+from .conversations import ClientError, history_for_request, message_to_dict, turn_start
+from .models import Conversation, Message
+from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage
+from .providers.registry import client_for
+
+log = logging.getLogger(__name__)
+
+# Replies running in this process, by message id (for state snapshots and shutdown).
+RUNNING: dict[int, "Generation"] = {}
+
+THINKING_BUDGET_MESSAGE = (
+    "The model used its whole output budget while thinking, before writing an answer. "
+    "Retry with a larger output budget."
+)
+
+
+class Generation:
+    def __init__(
+        self,
+        *,
+        message_id: int,
+        conversation_id: int,
+        client: ProviderClient,
+        request: ChatRequest,
+        model_name: str,
+    ) -> None:
+        self.message_id = message_id
+        self.conversation_id = conversation_id
+        self.client = client
+        self.request = request
+        self.model_name = model_name
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict] = {}
+        self.usage: Usage | None = None
+        self.finish_reason = ""
+        self.seq = 0
+        # Text already broadcast (what any browser may have seen) and what is waiting.
+        self.sent_content = ""
+        self.sent_reasoning = ""
+        self._pending_content: list[str] = []
+        self._pending_reasoning: list[str] = []
+        self._has_pending = asyncio.Event()
+        self._streaming_done = False
+        self.stop_requested = False
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.task: asyncio.Task | None = None
+        self._stream_task: asyncio.Task | None = None
+
+    # ---- public ------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Text broadcast so far and its seq: the snapshot a re-attaching socket starts from."""
+        return {
+            "message_id": self.message_id,
+            "seq": self.seq,
+            "content": self.sent_content,
+            "reasoning": self.sent_reasoning,
+            "status": Message.Status.STREAMING,
+        }
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        if self._stream_task and not self._stream_task.done():
+            self._stream_task.cancel()
+
+    # ---- the task ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        layer = get_channel_layer()
+        stop_channel = await layer.new_channel()
+        await layer.group_add(events.generation_group(self.message_id), stop_channel)
+        listener = asyncio.create_task(self._listen_for_stop(layer, stop_channel))
+        flusher = asyncio.create_task(self._flusher())
+        checkpointer = asyncio.create_task(self._checkpointer())
+        status, error = Message.Status.COMPLETE, ""
+        self._stream_task = asyncio.create_task(self._stream_with_retries())
+        try:
+            await self._stream_task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                # This process is shutting down: keep what arrived; the reply is interrupted.
+                status = Message.Status.INTERRUPTED
+                error = "The server restarted while this reply was being written."
+                await asyncio.shield(self._finish(status, error, listener, flusher, checkpointer))
+                raise
+            status = Message.Status.CANCELLED
+        except ProviderError as exc:
+            log.warning("reply %s failed: %r %s", self.message_id, exc, exc.detail[:500])
+            status, error = Message.Status.ERROR, exc.user_message
+            await events.broadcast(
+                self.conversation_id,
+                {
+                    "type": "error",
+                    "code": exc.code,
+                    "message": exc.user_message,
+                    "message_id": self.message_id,
+                },
+            )
+        except Exception:
+            log.exception("reply %s failed unexpectedly", self.message_id)
+            status, error = Message.Status.ERROR, "Something went wrong while writing this reply."
+        else:
+            if self.finish_reason == "length" and not "".join(self.content).strip():
+                status, error = Message.Status.ERROR, THINKING_BUDGET_MESSAGE
+        await self._finish(status, error, listener, flusher, checkpointer)
+        await layer.group_discard(events.generation_group(self.message_id), stop_channel)
+
+    async def _stream_with_retries(self) -> None:
+        retries = settings.UPSTREAM_MAX_RETRIES
+        for attempt in range(1, retries + 2):
+            try:
+                await self._stream_once()
+                return
+            except ProviderError as exc:
+                received = self.content or self.reasoning
+                if not exc.retryable or received or attempt > retries:
+                    raise
+                delay = retry_delay(attempt, exc.retry_after)
+                log.info("reply %s: %r, retry %s in %.1fs", self.message_id, exc, attempt, delay)
+                await events.broadcast(
+                    self.conversation_id,
+                    {
+                        "type": "reply.status",
+                        "message_id": self.message_id,
+                        "text": f"retrying ({attempt}/{retries})…",
+                    },
+                )
+                await asyncio.sleep(delay)
+
+    async def _stream_once(self) -> None:
+        async for item in self.client.stream(self.request):
+            if item.content or item.reasoning:
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                if item.reasoning:
+                    self.reasoning.append(item.reasoning)
+                    self._pending_reasoning.append(item.reasoning)
+                if item.content:
+                    self.content.append(item.content)
+                    self._pending_content.append(item.content)
+                self._has_pending.set()
+            if item.tool_calls:
+                self._merge_tool_calls(item.tool_calls)
+            if item.usage is not None:
+                self.usage = item.usage
+            if item.finish_reason:
+                self.finish_reason = item.finish_reason
+
+    def _merge_tool_calls(self, deltas: list[dict]) -> None:
+        for position, delta in enumerate(deltas):
+            index = delta.get("index", position)
+            call = self.tool_calls.setdefault(
+                index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if delta.get("id"):
+                call["id"] = delta["id"]
+            function = delta.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+    # ---- broadcasting ------------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """One frame per slice: the first delta after a quiet spell goes out at once."""
+        interval = settings.STREAM_FLUSH_INTERVAL
+        while True:
+            await self._has_pending.wait()
+            self._has_pending.clear()
+            await self._send_pending()
+            if self._streaming_done:
+                return
+            await asyncio.sleep(interval)
+
+    async def _send_pending(self) -> None:
+        if not (self._pending_content or self._pending_reasoning):
+            return
+        text = "".join(self._pending_content)
+        reasoning = "".join(self._pending_reasoning)
+        self._pending_content.clear()
+        self._pending_reasoning.clear()
+        self.seq += 1
+        self.sent_content += text
+        self.sent_reasoning += reasoning
+        frame: dict = {"type": "delta", "message_id": self.message_id, "seq": self.seq}
+        if text:
+            frame["text"] = text
+        if reasoning:
+            frame["reasoning"] = reasoning
+        await events.broadcast(self.conversation_id, frame)
+
+    async def _listen_for_stop(self, layer, channel: str) -> None:
+        while True:
+            message = await layer.receive(channel)
+            if message.get("type") == "generation.stop":
+                self.stop()
+                return
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    async def _checkpointer(self) -> None:
+        """Save the partial reply at a bounded rate, so a crash loses at most one interval."""
+        saved_length = 0
+        while True:
+            await asyncio.sleep(settings.STREAM_CHECKPOINT_INTERVAL)
+            if len(self.sent_content) + len(self.sent_reasoning) != saved_length:
+                saved_length = len(self.sent_content) + len(self.sent_reasoning)
+                await database_sync_to_async(Message.objects.filter(pk=self.message_id).update)(
+                    content=self.sent_content,
+                    reasoning=self.sent_reasoning,
+                    seq=self.seq,
+                    updated_at=timezone.now(),
+                )
+
+    async def _finish(self, status: str, error: str, *tasks: asyncio.Task) -> None:
+        listener, flusher, checkpointer = tasks
+        listener.cancel()
+        checkpointer.cancel()
+        self._streaming_done = True
+        self._has_pending.set()
+        try:
+            await flusher
+        except Exception:  # a failed last broadcast must not lose the save below
+            log.exception("reply %s: last flush failed", self.message_id)
+        message = await database_sync_to_async(self._save_final)(status, error)
+        RUNNING.pop(self.message_id, None)
+        await events.broadcast(
+            self.conversation_id, {"type": "reply.end", "message": message_to_dict(message)}
+        )
+        log.info(
+            "reply conversation=%s message=%s model=%s status=%s prompt=%s cached=%s "
+            "completion=%s ttft_ms=%s duration_ms=%d",
+            self.conversation_id,
+            self.message_id,
+            self.model_name,
+            status,
+            self.usage.prompt_tokens if self.usage else None,
+            self.usage.cached_tokens if self.usage else None,
+            self.usage.completion_tokens if self.usage else None,
+            self.ttft_ms,
+            (time.monotonic() - self.started) * 1000,
+        )
+
+    @property
+    def ttft_ms(self) -> int | None:
+        if self.first_token_at is None:
+            return None
+        return int((self.first_token_at - self.started) * 1000)
+
+    def _save_final(self, status: str, error: str) -> Message:
+        message = Message.objects.select_related("model").get(pk=self.message_id)
+        message.content = "".join(self.content)
+        message.reasoning = "".join(self.reasoning)
+        message.status = status
+        message.error = error
+        message.finish_reason = self.finish_reason or ""
+        message.seq = self.seq
+        message.time_to_first_token_ms = self.ttft_ms
+        if self.tool_calls:
+            message.tool_calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        if self.usage is not None:
+            message.prompt_tokens = self.usage.prompt_tokens
+            message.cached_tokens = self.usage.cached_tokens
+            message.completion_tokens = self.usage.completion_tokens
+        message.save()
+        Conversation.objects.filter(pk=self.conversation_id).update(updated_at=timezone.now())
+        return message
+
+
+def retry_delay(attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter, never shorter than the provider's own hint."""
+    backoff = random.uniform(0, min(30.0, settings.UPSTREAM_RETRY_BASE_DELAY * 2**attempt))
+    return max(backoff, retry_after or 0.0)
+
+
+# ---- entry points for the consumer ---------------------------------------------------------
+
+
+async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
+    """Commit the user's message and start the reply; returns (user message, reply)."""
+    model = conversation.model
+    if model is None or not model.enabled or not model.provider.enabled:
+        raise ClientError("model_unavailable", "Pick a model before sending.")
+    user_message, reply = await database_sync_to_async(turn_start)(
+        conversation=conversation, text=text
+    )
+    messages = await database_sync_to_async(history_for_request)(conversation, before=reply)
+    provider = model.provider
+    request = ChatRequest(
+        model=model.model_id, messages=messages, affinity_id=conversation.affinity_id
+    )
+    generation = Generation(
+        message_id=reply.pk,
+        conversation_id=conversation.pk,
+        client=client_for(kind=provider.kind, base_url=provider.base_url, api_key=provider.api_key),
+        request=request,
+        model_name=model.display_name,
+    )
+    RUNNING[reply.pk] = generation
+    generation.task = asyncio.create_task(generation.run(), name=f"reply-{reply.pk}")
+    return user_message, reply
+
+
+async def reply_stop(*, conversation: Conversation) -> bool:
+    """Stop the conversation's running reply, wherever it runs. False when none is running."""
+    message_id = await _streaming_message_id(conversation)
+    if message_id is None:
+        return False
+    local = RUNNING.get(message_id)
+    if local is not None:
+        local.stop()
+    else:
+        await events.request_stop(message_id)
+    return True
+
+
+async def reply_state(*, conversation: Conversation) -> dict | None:
+    """The running reply's text so far with its seq, or None when nothing is streaming."""
+    message_id = await _streaming_message_id(conversation)
+    if message_id is None:
+        return None
+    local = RUNNING.get(message_id)
+    if local is not None:
+        return local.state()
+    message = await Message.objects.aget(pk=message_id)
+    return {
+        "message_id": message.pk,
+        "seq": message.seq,
+        "content": message.content,
+        "reasoning": message.reasoning,
+        "status": message.status,
+    }
+
+
+async def _streaming_message_id(conversation: Conversation) -> int | None:
+    return await (
+        Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING)
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .afirst()
+    )

@@ -1,0 +1,134 @@
+"""Data: providers and their models, conversations and messages.
+
+Writes go through the service modules (conversations.py, generation.py), not through save()
+overrides or signals.
+"""
+
+import secrets
+
+from django.conf import settings
+from django.db import models
+
+
+def new_affinity_id() -> str:
+    """`ses_` + 32 hex characters: unguessable, made once per conversation."""
+    return "ses_" + secrets.token_hex(16)
+
+
+class Provider(models.Model):
+    class Kind(models.TextChoices):
+        MOONSHOT = "moonshot", "Moonshot"
+        OPENAI_COMPAT = "openai_compat", "OpenAI-compatible"
+        DEMO = "demo", "Demo (offline)"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    base_url = models.URLField(max_length=500, blank=True)
+    api_key = models.TextField(blank=True)
+    enabled = models.BooleanField(default=True)
+    managed_by_env = models.BooleanField(
+        default=False, editable=False, help_text="Seeded from environment variables at start."
+    )
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelConfig(models.Model):
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="models")
+    model_id = models.CharField("model id", max_length=200, help_text="The id sent upstream.")
+    display_name = models.CharField(max_length=200)
+    description = models.CharField(max_length=500, blank=True)
+    context_window = models.PositiveIntegerField(default=262_144)
+    vision = models.BooleanField(default=True)
+    reasoning = models.BooleanField(default=False)
+    price_input = models.DecimalField(
+        "input $/M tokens", max_digits=10, decimal_places=4, default=0
+    )
+    price_cached_input = models.DecimalField(
+        "cached input $/M tokens", max_digits=10, decimal_places=4, default=0
+    )
+    price_output = models.DecimalField(
+        "output $/M tokens", max_digits=10, decimal_places=4, default=0
+    )
+    sort_order = models.IntegerField(default=100, help_text="Lower comes first in the picker.")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["sort_order", "display_name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "model_id"], name="unique_model_per_provider"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.display_name
+
+    @property
+    def is_demo(self) -> bool:
+        return self.provider.kind == Provider.Kind.DEMO
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
+    system_prompt = models.TextField(blank=True)
+    affinity_id = models.CharField(
+        max_length=40, unique=True, default=new_affinity_id, editable=False
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user", "User"
+        ASSISTANT = "assistant", "Assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming", "Streaming"
+        COMPLETE = "complete", "Complete"
+        CANCELLED = "cancelled", "Cancelled"
+        ERROR = "error", "Error"
+        INTERRUPTED = "interrupted", "Interrupted"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    reasoning = models.TextField(blank=True)
+    model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cached_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    finish_reason = models.CharField(max_length=32, blank=True)
+    error = models.TextField(blank=True)
+    # Assistant tool calls and the provider's reasoning fields, kept exactly as received so
+    # they can be re-sent verbatim (Kimi rejects tool-call turns without their reasoning).
+    tool_calls = models.JSONField(null=True, blank=True)
+    reasoning_details = models.JSONField(null=True, blank=True)
+    # Sequence number of the last delta broadcast for this reply (re-attach continues from it).
+    seq = models.PositiveIntegerField(default=0)
+    time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["conversation", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.role} #{self.pk}"

@@ -1,0 +1,69 @@
+"""The seam between the app and every provider: one request type, one stream item, one error."""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """What generation asks of a provider; each provider kind turns it into its own wire body."""
+
+    model: str  # the upstream model id
+    messages: list[dict]  # OpenAI-shaped, already in their final order
+    affinity_id: str  # sent as x-session-affinity so the provider's prefix cache hits
+    thinking: bool | None = None  # None = the provider's default
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0  # includes the cached ones
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """One parsed upstream event: any field may be empty."""
+
+    content: str = ""
+    reasoning: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)  # raw OpenAI tool-call deltas
+
+
+class ProviderError(Exception):
+    """A failure talking to a provider, with the message the user sees and whether to retry."""
+
+    def __init__(
+        self,
+        user_message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        status: int | None = None,
+        code: str = "upstream_error",
+        detail: str = "",
+    ) -> None:
+        super().__init__(user_message)
+        self.user_message = user_message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.status = status
+        self.code = code
+        self.detail = detail  # upstream text, for logs and staff only
+
+    def __repr__(self) -> str:
+        return f"ProviderError({self.code!r}, status={self.status}, retryable={self.retryable})"
+
+
+class ProviderClient:
+    """Base class: stream() yields StreamItems until the reply ends, or raises ProviderError."""
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None

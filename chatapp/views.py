@@ -1,0 +1,89 @@
+"""HTTP transport: the chat page and the few JSON endpoints it calls."""
+
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from .conversations import (
+    ClientError,
+    conversation_create,
+    conversation_get_for_user,
+    conversation_list_for_user,
+    conversation_messages,
+    model_get_for_user,
+)
+from .model_catalog import default_model_for, models_for_user
+
+
+def _page(request: HttpRequest, conversation=None) -> HttpResponse:
+    models = models_for_user(request.user)
+    current = conversation.model if conversation and conversation.model_id else None
+    if current is None:
+        current = default_model_for(request.user)
+    context = {
+        "conversations": conversation_list_for_user(request.user),
+        "conversation": conversation,
+        "models": models,
+        "current_model": current,
+        "page_data": {
+            "conversation": (
+                {"id": conversation.pk, "title": conversation.title} if conversation else None
+            ),
+            "messages": conversation_messages(conversation) if conversation else [],
+            "models": [
+                {"id": m.pk, "name": m.display_name, "vision": m.vision, "demo": m.is_demo}
+                for m in models
+            ],
+        },
+    }
+    return render(request, "chatapp/chat.html", context)
+
+
+@login_required
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    return _page(request)
+
+
+@login_required
+@require_GET
+def conversation_page(request: HttpRequest, pk: int) -> HttpResponse:
+    return _page(request, conversation_get_for_user(request.user, pk))
+
+
+@login_required
+@require_POST
+def conversation_new(request: HttpRequest) -> JsonResponse:
+    model_pk = request.POST.get("model")
+    try:
+        model = (
+            model_get_for_user(request.user, model_pk)
+            if model_pk
+            else default_model_for(request.user)
+        )
+    except ClientError as exc:
+        return JsonResponse({"code": exc.code, "message": exc.message}, status=400)
+    conversation = conversation_create(owner=request.user, model=model)
+    return JsonResponse(
+        {
+            "id": conversation.pk,
+            "url": reverse("conversation", args=[conversation.pk]),
+            "socket": f"/ws/conversations/{conversation.pk}/",
+        },
+        status=201,
+    )
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    status = {"database": "ok"}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:  # report, do not raise: this is what the probe reads
+        status["database"] = f"error: {exc.__class__.__name__}"
+    healthy = all(v == "ok" for v in status.values())
+    return JsonResponse(status, status=200 if healthy else 503)

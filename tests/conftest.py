@@ -1,0 +1,99 @@
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from chatapp import generation
+from chatapp.asgi import application
+from chatapp.model_catalog import catalog_sync, reset_catalog_cache
+from tests.fake_upstream import FakeUpstream
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+
+
+@pytest.fixture(autouse=True)
+def _test_settings(settings):
+    # Plain storage: tests do not need collectstatic's hashed manifest.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+    settings.STREAM_CHECKPOINT_INTERVAL = 0.05
+    settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
+    settings.UPSTREAM_STALL_TIMEOUT = 5.0
+    settings.DEMO_TOKENS_PER_SECOND = 2000
+    settings.MOONSHOT_API_KEY = ""
+    settings.OPENAI_COMPAT_BASE_URL = ""
+    settings.OPENAI_COMPAT_MODELS = []
+    reset_catalog_cache()
+    channel_layers.backends.clear()  # a fresh in-memory layer per test
+    yield
+    for running in list(generation.RUNNING.values()):
+        if running.task:
+            running.task.cancel()
+    generation.RUNNING.clear()
+    reset_catalog_cache()
+
+
+@pytest.fixture(scope="session")
+def _upstream_server():
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fake_upstream(_upstream_server, settings):
+    """The fake upstream, configured as the OpenAI-compatible provider."""
+    _upstream_server.reset()
+    settings.OPENAI_COMPAT_BASE_URL = _upstream_server.base_url
+    settings.OPENAI_COMPAT_API_KEY = "test-key"
+    settings.OPENAI_COMPAT_MODELS = ["fake-model"]
+    reset_catalog_cache()
+    catalog_sync()
+    return _upstream_server
+
+
+def session_cookie(user) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+async def open_socket(user, conversation_id, *, origin=ORIGIN):
+    """-> (connected, close code, communicator), through the real ASGI stack."""
+    headers = [origin]
+    if user is not None:
+        headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
+    communicator = WebsocketCommunicator(
+        application, f"/ws/conversations/{conversation_id}/", headers=headers
+    )
+    connected, code = await communicator.connect()
+    return connected, code, communicator
+
+
+async def connect(user, conversation_id, *, origin=ORIGIN) -> WebsocketCommunicator:
+    """A websocket through the real ASGI stack (Origin check, session auth, routing)."""
+    headers = [origin]
+    if user is not None:
+        headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
+    communicator = WebsocketCommunicator(
+        application, f"/ws/conversations/{conversation_id}/", headers=headers
+    )
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def receive_until(communicator, frame_type: str, timeout: float = 5.0) -> list[dict]:
+    """Every frame up to and including the first of `frame_type`."""
+    frames = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = await communicator.receive_json_from(timeout=timeout)
+            frames.append(frame)
+            if frame["type"] == frame_type:
+                return frames
