@@ -128,6 +128,7 @@ def message_to_dict(message: Message) -> dict:
         "prompt_tokens": message.prompt_tokens,
         "cached_tokens": message.cached_tokens,
         "completion_tokens": message.completion_tokens,
+        "cost_usd": str(message.cost_usd) if message.cost_usd is not None else None,
         "ttft_ms": message.time_to_first_token_ms,
         "created_at": message.created_at.isoformat() if message.created_at else None,
     }

@@ -21,6 +21,7 @@ from django.utils import timezone
 from . import events
 from .conversations import ClientError, history_for_request, message_to_dict, turn_start
 from .models import Conversation, Message
+from .pricing import reply_cost
 from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage
 from .providers.registry import client_for
 
@@ -284,6 +285,13 @@ class Generation:
             message.prompt_tokens = self.usage.prompt_tokens
             message.cached_tokens = self.usage.cached_tokens
             message.completion_tokens = self.usage.completion_tokens
+            if message.model is not None:
+                message.cost_usd = reply_cost(
+                    model=message.model,
+                    prompt_tokens=self.usage.prompt_tokens,
+                    cached_tokens=self.usage.cached_tokens,
+                    completion_tokens=self.usage.completion_tokens,
+                )
         message.save()
         Conversation.objects.filter(pk=self.conversation_id).update(updated_at=timezone.now())
         return message

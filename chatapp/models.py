@@ -77,6 +77,10 @@ class Conversation(models.Model):
     title = models.CharField(max_length=200, blank=True)
     model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
     system_prompt = models.TextField(blank=True)
+    # Per-conversation request settings; None = the provider's default.
+    thinking = models.BooleanField(null=True, blank=True)
+    max_output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
     affinity_id = models.CharField(
         max_length=40, unique=True, default=new_affinity_id, editable=False
     )
@@ -114,6 +118,7 @@ class Message(models.Model):
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     cached_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
     error = models.TextField(blank=True)
     # Assistant tool calls and the provider's reasoning fields, kept exactly as received so

@@ -65,3 +65,21 @@ def test_error_event_after_200_is_an_error_not_text():
     with pytest.raises(ProviderError) as info:
         parse_event('{"error":{"code":502,"message":"Provider returned error"}}')
     assert info.value.retryable
+
+
+def test_cached_tokens_are_billed_at_the_cached_price():
+    from decimal import Decimal
+    from types import SimpleNamespace
+
+    from chatapp.pricing import cache_savings, reply_cost
+
+    k26 = SimpleNamespace(
+        price_input=Decimal("0.95"),
+        price_cached_input=Decimal("0.16"),
+        price_output=Decimal("4.00"),
+    )
+    # 10,000 prompt tokens of which 8,000 cached, 1,000 out:
+    # 2,000 * 0.95 + 8,000 * 0.16 + 1,000 * 4.00 = 1,900 + 1,280 + 4,000 = 7,180 per million.
+    cost = reply_cost(model=k26, prompt_tokens=10_000, cached_tokens=8_000, completion_tokens=1_000)
+    assert cost == Decimal("0.007180")
+    assert cache_savings(model=k26, cached_tokens=8_000) == Decimal("0.006320")
