@@ -1,8 +1,10 @@
 """Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
 
-Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "state"}.
-Server frames: "message" (the saved user message), "reply.start", "delta" {seq, text|reasoning},
-"reply.status", "reply.end", "state" and "error" {code, message}.
+Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "state"},
+{"type": "regenerate", "message_id"} (Retry / Regenerate the last reply).
+Server frames: "message" (the saved user message and the new reply), "delta" {message_id, seq,
+text|reasoning}, "reply.status" {text}, "reply.end" {message}, "reply.replaced" {old_id, reply},
+"state" {reply|null, last?} and "error" {code, message, message_id?}.
 """
 
 import json
@@ -80,6 +82,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             "send": self.handle_send,
             "stop": self.handle_stop,
             "state": self.handle_state,
+            "regenerate": self.handle_regenerate,
         }.get(content.get("type"))
         if handler is None:
             raise ClientError("unknown_type", f"Unknown frame type {content.get('type')!r}.")
@@ -115,6 +118,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "title": conversation.title,
                 "client_id": content.get("client_id"),
             },
+        )
+
+    async def handle_regenerate(self, content: dict) -> None:
+        reply_id = content.get("message_id")
+        if not isinstance(reply_id, int):
+            raise ClientError("bad_frame", "Say which reply to regenerate (message_id).")
+        conversation = await database_sync_to_async(conversation_get_for_user)(
+            self.scope["user"], self.conversation.pk
+        )
+        reply = await generation.reply_regenerate(conversation=conversation, reply_id=reply_id)
+        await events.broadcast(
+            conversation.pk,
+            {"type": "reply.replaced", "old_id": reply_id, "reply": message_to_dict(reply)},
         )
 
     async def handle_stop(self, content: dict) -> None:

@@ -85,6 +85,26 @@ def turn_start(*, conversation: Conversation, text: str) -> tuple[Message, Messa
     return user_message, reply
 
 
+@transaction.atomic
+def turn_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
+    """Replace the last reply (failed, stopped or just unwanted) with a new streaming one."""
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if locked.messages.filter(status=Message.Status.STREAMING).exists():
+        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    last = locked.messages.order_by("-id").first()
+    if last is None or last.pk != reply_id or last.role != Message.Role.ASSISTANT:
+        raise ClientError("not_last", "Only the last reply can be regenerated.")
+    last.delete()
+    reply = Message.objects.create(
+        conversation=locked,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=conversation.model,
+    )
+    locked.save(update_fields=["updated_at"])
+    return reply
+
+
 def history_for_request(conversation: Conversation, *, before: Message) -> list[dict]:
     """The OpenAI message list for a reply: system prompt, then every earlier turn as stored.
 

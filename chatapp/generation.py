@@ -19,7 +19,13 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import events
-from .conversations import ClientError, history_for_request, message_to_dict, turn_start
+from .conversations import (
+    ClientError,
+    history_for_request,
+    message_to_dict,
+    turn_regenerate,
+    turn_start,
+)
 from .models import Conversation, Message
 from .pricing import reply_cost
 from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage
@@ -306,14 +312,35 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 # ---- entry points for the consumer ---------------------------------------------------------
 
 
-async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
-    """Commit the user's message and start the reply; returns (user message, reply)."""
+def _check_model(conversation: Conversation) -> None:
     model = conversation.model
     if model is None or not model.enabled or not model.provider.enabled:
         raise ClientError("model_unavailable", "Pick a model before sending.")
+
+
+async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
+    """Commit the user's message and start the reply; returns (user message, reply)."""
+    _check_model(conversation)
     user_message, reply = await database_sync_to_async(turn_start)(
         conversation=conversation, text=text
     )
+    await _reply_begin(conversation=conversation, reply=reply)
+    return user_message, reply
+
+
+async def reply_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
+    """Write the last reply again (Retry after an error, or Regenerate)."""
+    _check_model(conversation)
+    reply = await database_sync_to_async(turn_regenerate)(
+        conversation=conversation, reply_id=reply_id
+    )
+    await _reply_begin(conversation=conversation, reply=reply)
+    return reply
+
+
+async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generation:
+    """Build the request from the stored history and start the reply's own task."""
+    model = conversation.model
     messages = await database_sync_to_async(history_for_request)(conversation, before=reply)
     provider = model.provider
     request = ChatRequest(
@@ -328,7 +355,7 @@ async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message,
     )
     RUNNING[reply.pk] = generation
     generation.task = asyncio.create_task(generation.run(), name=f"reply-{reply.pk}")
-    return user_message, reply
+    return generation
 
 
 async def reply_stop(*, conversation: Conversation) -> bool:

@@ -285,3 +285,28 @@ async def test_demo_model_streams_a_canned_reply_when_no_provider_is_set():
     assert "Kimi" not in end["model"]
     assert sum(1 for f in frames if f["type"] == "delta") >= 1
     await ws.disconnect()
+
+
+async def test_retry_replaces_a_failed_reply(fake_upstream, settings):
+    settings.UPSTREAM_MAX_RETRIES = 0
+    fake_upstream.enqueue(error_response(400, "Invalid request: nope", "invalid_request_error"))
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    failed = (await send(ws, "try me"))[-1]["message"]
+    assert failed["status"] == "error" and "nope" in failed["error"]
+
+    await ws.send_json_to({"type": "regenerate", "message_id": failed["id"]})
+    frames = await receive_until(ws, "reply.end")
+    assert frames[0]["type"] == "reply.replaced" and frames[0]["old_id"] == failed["id"]
+    assert frames[-1]["message"]["content"] == "Hello from the fake model."
+    rows = [m async for m in Message.objects.filter(conversation=conversation).order_by("id")]
+    assert [(m.role, m.status) for m in rows] == [("user", "complete"), ("assistant", "complete")]
+    # The retried request is the same question again, not a doubled one.
+    assert fake_upstream.chat_requests()[-1].json["messages"] == [
+        {"role": "user", "content": "try me"}
+    ]
+    await ws.send_json_to({"type": "regenerate", "message_id": failed["id"]})
+    assert (await ws.receive_json_from())["code"] == "not_last"
+    await ws.disconnect()

@@ -79,6 +79,14 @@ function renderMeta(el, message) {
     span.textContent = parts.join(" · ");
     meta.append(span);
   }
+  if (["error", "interrupted", "cancelled"].includes(message.status)) {
+    const retry = document.createElement("button");
+    retry.type = "button";
+    retry.className = "retry";
+    retry.textContent = "Retry";
+    retry.addEventListener("click", () => socket && socket.send({ type: "regenerate", message_id: message.id }));
+    meta.append(retry);
+  }
   if (message.error) {
     const error = document.createElement("p");
     error.className = "error";
@@ -171,6 +179,14 @@ const handlers = {
     if (frame.text) live.content += frame.text;
     if (frame.reasoning) live.reasoning += frame.reasoning;
     scheduleLiveRender();
+  },
+  "reply.replaced"(frame) {
+    const old = bubbles.get(frame.old_id);
+    if (old) old.remove();
+    bubbles.delete(frame.old_id);
+    live = { id: frame.reply.id, seq: 0, content: "", reasoning: "" };
+    renderMessage(frame.reply).classList.add("streaming");
+    setStreaming(true);
   },
   "reply.status"(frame) {
     const el = bubbleFor({ id: frame.message_id, role: "assistant" });
