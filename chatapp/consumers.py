@@ -1,9 +1,12 @@
 """Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
 
 Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "state"},
-{"type": "regenerate", "message_id"} (Retry / Regenerate the last reply).
+{"type": "regenerate", "message_id", "max_output_tokens"?} (Retry / Regenerate the last reply,
+optionally with a larger output budget).
 Server frames: "message" (the saved user message and the new reply), "delta" {message_id, seq,
-text|reasoning}, "reply.status" {text}, "reply.end" {message}, "reply.replaced" {old_id, reply},
+text|reasoning}, "reply.status" {text} (retrying, waiting in line), "reply.end" {message},
+"reply.replaced" {old_id, reply}; "state" and "reply.end" also carry "context" {used, window,
+percent, budget, cache_hit_rate}: how full the context window is.
 "state" {reply|null, last?} and "error" {code, message, message_id?}.
 """
 
@@ -14,7 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from . import events, generation
+from . import context_window, events, generation
 from .conversations import (
     ClientError,
     conversation_get_for_user,
@@ -127,7 +130,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         conversation = await database_sync_to_async(conversation_get_for_user)(
             self.scope["user"], self.conversation.pk
         )
-        reply = await generation.reply_regenerate(conversation=conversation, reply_id=reply_id)
+        budget = content.get("max_output_tokens")  # the "retry with a larger budget" button
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)):
+            raise ClientError("bad_budget", "max_output_tokens must be a whole number.")
+        reply = await generation.reply_regenerate(
+            conversation=conversation, reply_id=reply_id, max_output_tokens=budget
+        )
         await events.broadcast(
             conversation.pk,
             {"type": "reply.replaced", "old_id": reply_id, "reply": message_to_dict(reply)},
@@ -143,6 +151,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def send_state(self) -> None:
         state = await generation.reply_state(conversation=self.conversation)
         frame = {"type": "state", "reply": state}
+        frame["context"] = await context_window.acontext_for(self.conversation.pk)
         if state is None:
             # A reply may have ended while this socket was away: send its final form.
             last = await database_sync_to_async(last_reply)(self.conversation)

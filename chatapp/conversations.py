@@ -8,6 +8,7 @@ from django.http import Http404
 
 from .model_catalog import models_for_user
 from .models import Conversation, Message, ModelConfig
+from .pricing import cache_savings
 
 TITLE_MAX = 80
 
@@ -125,7 +126,10 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
                 entry["content"] = message.content
             if message.tool_calls:
                 entry["tool_calls"] = message.tool_calls
+                # Exactly as received, even "": the provider client renames it per provider.
                 entry["reasoning_content"] = message.reasoning
+                if message.reasoning_details:
+                    entry["reasoning_details"] = message.reasoning_details
             messages.append(entry)
         else:
             messages.append({"role": "user", "content": message.content})
@@ -149,8 +153,21 @@ def message_to_dict(message: Message) -> dict:
         "cached_tokens": message.cached_tokens,
         "completion_tokens": message.completion_tokens,
         "cost_usd": str(message.cost_usd) if message.cost_usd is not None else None,
+        **cache_fields(message),
         "ttft_ms": message.time_to_first_token_ms,
         "created_at": message.created_at.isoformat() if message.created_at else None,
+    }
+
+
+def cache_fields(message: Message) -> dict:
+    """Prompt-cache figures of a reply: uncached prompt tokens and the cost the cache saved."""
+    if message.prompt_tokens is None:
+        return {"uncached_tokens": None, "cache_saved_usd": None}
+    cached = message.cached_tokens or 0
+    saved = cache_savings(model=message.model, cached_tokens=cached) if message.model else None
+    return {
+        "uncached_tokens": max(0, message.prompt_tokens - cached),
+        "cache_saved_usd": str(saved) if saved is not None else None,
     }
 
 

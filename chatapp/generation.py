@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from . import events
+from . import context_window, events
 from .conversations import (
     ClientError,
     history_for_request,
@@ -29,6 +29,8 @@ from .conversations import (
 from .models import Conversation, Message
 from .pricing import reply_cost
 from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage
+from .providers.gate import GatedClient, ordinal
+from .providers.openai_compat import merge_reasoning_details
 from .providers.registry import client_for
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Generation:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict] = {}
+        self.reasoning_details: list[dict] = []
         self.usage: Usage | None = None
         self.finish_reason = ""
         self.seq = 0
@@ -171,6 +174,8 @@ class Generation:
                 self._has_pending.set()
             if item.tool_calls:
                 self._merge_tool_calls(item.tool_calls)
+            if item.reasoning_details:
+                merge_reasoning_details(self.reasoning_details, item.reasoning_details)
             if item.usage is not None:
                 self.usage = item.usage
             if item.finish_reason:
@@ -254,7 +259,12 @@ class Generation:
         message = await database_sync_to_async(self._save_final)(status, error)
         RUNNING.pop(self.message_id, None)
         await events.broadcast(
-            self.conversation_id, {"type": "reply.end", "message": message_to_dict(message)}
+            self.conversation_id,
+            {
+                "type": "reply.end",
+                "message": message_to_dict(message),
+                "context": await context_window.acontext_for(self.conversation_id),
+            },
         )
         log.info(
             "reply conversation=%s message=%s model=%s status=%s prompt=%s cached=%s "
@@ -287,6 +297,8 @@ class Generation:
         message.time_to_first_token_ms = self.ttft_ms
         if self.tool_calls:
             message.tool_calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        if self.reasoning_details:
+            message.reasoning_details = self.reasoning_details
         if self.usage is not None:
             message.prompt_tokens = self.usage.prompt_tokens
             message.cached_tokens = self.usage.cached_tokens
@@ -321,6 +333,10 @@ def _check_model(conversation: Conversation) -> None:
 async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
     """Commit the user's message and start the reply; returns (user message, reply)."""
     _check_model(conversation)
+    # Refuse a conversation about to overflow the window before anything is written.
+    await database_sync_to_async(context_window.check_send_fits)(
+        conversation=conversation, text=text
+    )
     user_message, reply = await database_sync_to_async(turn_start)(
         conversation=conversation, text=text
     )
@@ -328,9 +344,19 @@ async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message,
     return user_message, reply
 
 
-async def reply_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
-    """Write the last reply again (Retry after an error, or Regenerate)."""
+async def reply_regenerate(
+    *, conversation: Conversation, reply_id: int, max_output_tokens: int | None = None
+) -> Message:
+    """Write the last reply again (Retry after an error, or Regenerate), optionally with a
+    larger output budget (kept on the conversation)."""
     _check_model(conversation)
+    if max_output_tokens is not None:
+        await database_sync_to_async(context_window.conversation_set_max_output_tokens)(
+            conversation=conversation, value=max_output_tokens
+        )
+    await database_sync_to_async(context_window.check_send_fits)(
+        conversation=conversation, text="", before_id=reply_id
+    )
     reply = await database_sync_to_async(turn_regenerate)(
         conversation=conversation, reply_id=reply_id
     )
@@ -341,21 +367,55 @@ async def reply_regenerate(*, conversation: Conversation, reply_id: int) -> Mess
 async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generation:
     """Build the request from the stored history and start the reply's own task."""
     model = conversation.model
-    messages = await database_sync_to_async(history_for_request)(conversation, before=reply)
     provider = model.provider
-    request = ChatRequest(
-        model=model.model_id, messages=messages, affinity_id=conversation.affinity_id
+    plan, staff = await database_sync_to_async(_plan_reply)(conversation=conversation, reply=reply)
+
+    async def waiting(position: int) -> None:
+        text = f"waiting for the provider: {ordinal(position)} in line" if position else ""
+        await events.broadcast(
+            conversation.pk, {"type": "reply.status", "message_id": reply.pk, "text": text}
+        )
+
+    client = GatedClient(
+        client_for(
+            kind=provider.kind,
+            base_url=provider.base_url,
+            api_key=provider.api_key,
+            name=provider.name,
+        ),
+        key=str(provider.pk),
+        limit=provider.max_concurrency,
+        on_wait=waiting,
+        staff=staff,
     )
     generation = Generation(
         message_id=reply.pk,
         conversation_id=conversation.pk,
-        client=client_for(kind=provider.kind, base_url=provider.base_url, api_key=provider.api_key),
-        request=request,
+        client=client,
+        request=plan.request,
         model_name=model.display_name,
     )
     RUNNING[reply.pk] = generation
     generation.task = asyncio.create_task(generation.run(), name=f"reply-{reply.pk}")
     return generation
+
+
+def _plan_reply(*, conversation: Conversation, reply: Message):
+    """History -> the clamped request; a full window ends the reply before any call."""
+    messages = history_for_request(conversation, before=reply)
+    try:
+        plan = context_window.plan_request(
+            conversation=conversation,
+            model=conversation.model,
+            messages=messages,
+            before_id=reply.pk,
+        )
+    except ClientError as exc:
+        Message.objects.filter(pk=reply.pk).update(
+            status=Message.Status.ERROR, error=exc.message, updated_at=timezone.now()
+        )
+        raise
+    return plan, conversation.owner.is_staff  # one query when owner is not loaded
 
 
 async def reply_stop(*, conversation: Conversation) -> bool:

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 
 from .models import ModelConfig, Provider
-from .providers.catalog import MOONSHOT_MODELS, facts_for, parse_model_list
+from .providers.catalog import MOONSHOT_MODELS, WORKERS_AI_MODELS, facts_for, parse_model_list
 
 DEMO_PROVIDER = "Demo"
 DEMO_MODEL_ID = "demo"
@@ -20,18 +20,26 @@ _synced = False
 _sync_lock = threading.Lock()
 
 
-def _upsert_provider(*, name: str, kind: str, base_url: str, api_key: str) -> Provider:
-    provider, _ = Provider.objects.update_or_create(
-        name=name,
-        defaults={
-            "kind": kind,
-            "base_url": base_url,
-            "api_key": api_key,
-            "enabled": True,
-            "managed_by_env": True,
-        },
-    )
+def _upsert_provider(
+    *, name: str, kind: str, base_url: str, api_key: str, max_concurrency: int
+) -> Provider:
+    defaults = {
+        "kind": kind,
+        "base_url": base_url,
+        "api_key": api_key,
+        "enabled": True,
+        "managed_by_env": True,
+    }
+    if max_concurrency:  # unset in the environment = whatever staff set in the admin
+        defaults["max_concurrency"] = max_concurrency
+    provider, _ = Provider.objects.update_or_create(name=name, defaults=defaults)
     return provider
+
+
+def workers_ai_base_url() -> str:
+    """`{CLOUDFLARE_API_BASE}/accounts/{id}/ai`: the root of /run/{model} and /v1/."""
+    base = settings.CLOUDFLARE_API_BASE.rstrip("/")
+    return f"{base}/accounts/{settings.CLOUDFLARE_ACCOUNT_ID}/ai"
 
 
 def _upsert_models(provider: Provider, entries: list[tuple[str, bool]], first_order: int) -> None:
@@ -69,15 +77,27 @@ def catalog_sync() -> None:
             kind=Provider.Kind.MOONSHOT,
             base_url=settings.MOONSHOT_BASE_URL,
             api_key=settings.MOONSHOT_API_KEY,
+            max_concurrency=settings.MOONSHOT_MAX_CONCURRENCY,
         )
         _upsert_models(moonshot, [(m, True) for m in MOONSHOT_MODELS], first_order=10)
         seeded.append(moonshot.pk)
+    if settings.CLOUDFLARE_ACCOUNT_ID and settings.CLOUDFLARE_API_TOKEN:
+        workers = _upsert_provider(
+            name="Cloudflare Workers AI",
+            kind=Provider.Kind.WORKERS_AI,
+            base_url=workers_ai_base_url(),
+            api_key=settings.CLOUDFLARE_API_TOKEN,
+            max_concurrency=settings.CLOUDFLARE_MAX_CONCURRENCY,
+        )
+        _upsert_models(workers, [(m, True) for m in WORKERS_AI_MODELS], first_order=15)
+        seeded.append(workers.pk)
     if settings.OPENAI_COMPAT_BASE_URL and settings.OPENAI_COMPAT_MODELS:
         compat = _upsert_provider(
             name="OpenAI-compatible",
             kind=Provider.Kind.OPENAI_COMPAT,
             base_url=settings.OPENAI_COMPAT_BASE_URL,
             api_key=settings.OPENAI_COMPAT_API_KEY,
+            max_concurrency=settings.OPENAI_COMPAT_MAX_CONCURRENCY,
         )
         _upsert_models(compat, parse_model_list(settings.OPENAI_COMPAT_MODELS), first_order=20)
         seeded.append(compat.pk)

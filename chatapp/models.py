@@ -9,6 +9,8 @@ import secrets
 from django.conf import settings
 from django.db import models
 
+from .providers.keys import EncryptedTextField
+
 
 def new_affinity_id() -> str:
     """`ses_` + 32 hex characters: unguessable, made once per conversation."""
@@ -18,13 +20,19 @@ def new_affinity_id() -> str:
 class Provider(models.Model):
     class Kind(models.TextChoices):
         MOONSHOT = "moonshot", "Moonshot"
+        WORKERS_AI = "workers_ai", "Cloudflare Workers AI"
         OPENAI_COMPAT = "openai_compat", "OpenAI-compatible"
         DEMO = "demo", "Demo (offline)"
 
     name = models.CharField(max_length=100, unique=True)
     kind = models.CharField(max_length=32, choices=Kind.choices)
     base_url = models.URLField(max_length=500, blank=True)
-    api_key = models.TextField(blank=True)
+    # Write-only in the admin, encrypted at rest (providers/keys.py), never sent to a browser.
+    api_key = EncryptedTextField(blank=True)
+    max_concurrency = models.PositiveIntegerField(
+        default=0,
+        help_text="Requests in flight at once (0 = unlimited); extra sends wait in line.",
+    )
     enabled = models.BooleanField(default=True)
     managed_by_env = models.BooleanField(
         default=False, editable=False, help_text="Seeded from environment variables at start."
@@ -42,6 +50,11 @@ class ModelConfig(models.Model):
     context_window = models.PositiveIntegerField(default=262_144)
     vision = models.BooleanField(default=True)
     reasoning = models.BooleanField(default=False)
+    max_output_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Default output budget (reasoning + answer); empty = the site default.",
+    )
     price_input = models.DecimalField(
         "input $/M tokens", max_digits=10, decimal_places=4, default=0
     )

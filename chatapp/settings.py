@@ -213,6 +213,17 @@ OPENAI_COMPAT_API_KEY = env_str("OPENAI_COMPAT_API_KEY")
 OPENAI_COMPAT_MODELS = env_list("OPENAI_COMPAT_MODELS")
 MOONSHOT_API_KEY = env_str("MOONSHOT_API_KEY")
 MOONSHOT_BASE_URL = env_str("MOONSHOT_BASE_URL") or "https://api.moonshot.ai/v1"
+CLOUDFLARE_ACCOUNT_ID = env_str("CLOUDFLARE_ACCOUNT_ID")
+CLOUDFLARE_API_TOKEN = env_str("CLOUDFLARE_API_TOKEN")
+CLOUDFLARE_API_BASE = env_str("CLOUDFLARE_API_BASE") or "https://api.cloudflare.com/client/v4"
+# Concurrent requests per provider (0 = unlimited); extra sends wait in a fair queue.
+MOONSHOT_MAX_CONCURRENCY = env_int("MOONSHOT_MAX_CONCURRENCY", 0)
+CLOUDFLARE_MAX_CONCURRENCY = env_int("CLOUDFLARE_MAX_CONCURRENCY", 0)
+OPENAI_COMPAT_MAX_CONCURRENCY = env_int("OPENAI_COMPAT_MAX_CONCURRENCY", 0)
+# Fernet key(s) for provider API keys at rest; unset = derived from SECRET_KEY.
+PROVIDER_KEY_ENCRYPTION_KEY = env_str("PROVIDER_KEY_ENCRYPTION_KEY")
+# The output budget of a reply when the conversation sets none (clamped to the window).
+DEFAULT_MAX_OUTPUT_TOKENS = env_int("DEFAULT_MAX_OUTPUT_TOKENS", 32_768)
 
 # Streaming.
 UPSTREAM_CONNECT_TIMEOUT = env_float("UPSTREAM_CONNECT_TIMEOUT", 10.0)

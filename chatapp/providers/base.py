@@ -32,6 +32,7 @@ class StreamItem:
     usage: Usage | None = None
     finish_reason: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # raw OpenAI tool-call deltas
+    reasoning_details: list[dict] = field(default_factory=list)  # OpenRouter-style deltas
 
 
 class ProviderError(Exception):
@@ -46,6 +47,7 @@ class ProviderError(Exception):
         status: int | None = None,
         code: str = "upstream_error",
         detail: str = "",
+        staff_message: str = "",
     ) -> None:
         super().__init__(user_message)
         self.user_message = user_message
@@ -54,6 +56,11 @@ class ProviderError(Exception):
         self.status = status
         self.code = code
         self.detail = detail  # upstream text, for logs and staff only
+        # A fuller message for staff (e.g. which provider key failed); never holds the key.
+        self.staff_message = staff_message
+
+    def message_for(self, *, staff: bool) -> str:
+        return self.staff_message if staff and self.staff_message else self.user_message
 
     def __repr__(self) -> str:
         return f"ProviderError({self.code!r}, status={self.status}, retryable={self.retryable})"

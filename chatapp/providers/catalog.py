@@ -24,6 +24,33 @@ KIMI_K26 = ModelFacts(
     "Kimi K2.6", 262_144, True, True, Decimal("0.95"), Decimal("0.16"), Decimal("4.00")
 )
 
+# Workers AI: K2.5 is listed with a 256,000 window; since 2026-05-30 Cloudflare serves (and
+# bills) every K2.5 request as K2.6, so it carries K2.6's prices.
+CF_KIMI_K26 = ModelFacts(
+    "Kimi K2.6 (Workers AI)",
+    262_144,
+    True,
+    True,
+    Decimal("0.95"),
+    Decimal("0.16"),
+    Decimal("4.00"),
+    "Kimi K2.6 on Cloudflare Workers AI (needs the Workers Paid plan).",
+)
+CF_KIMI_K25 = ModelFacts(
+    "Kimi K2.5 (Workers AI)",
+    256_000,
+    True,
+    True,
+    Decimal("0.95"),
+    Decimal("0.16"),
+    Decimal("4.00"),
+    "Cloudflare now aliases K2.5 to Kimi K2.6: requests are served and billed as K2.6.",
+)
+WORKERS_AI_MODELS: dict[str, ModelFacts] = {
+    "@cf/moonshotai/kimi-k2.6": CF_KIMI_K26,
+    "@cf/moonshotai/kimi-k2.5": CF_KIMI_K25,
+}
+
 KNOWN_MODELS: dict[str, ModelFacts] = {
     "kimi-k2.6": KIMI_K26,
     "kimi-k2.5": KIMI_K25,
@@ -35,6 +62,8 @@ TEXT_ONLY_SUFFIX = ":text"
 
 def facts_for(model_id: str) -> ModelFacts | None:
     """Known facts for an id, also when a reseller prefixes it (`moonshotai/kimi-k2.5`)."""
+    if model_id in WORKERS_AI_MODELS:
+        return WORKERS_AI_MODELS[model_id]
     base = model_id.rsplit("/", 1)[-1].lower()
     for known, facts in KNOWN_MODELS.items():
         if base == known or base.startswith(known + "-"):

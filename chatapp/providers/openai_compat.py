@@ -1,9 +1,15 @@
-"""OpenAI-compatible chat completions over SSE: Moonshot, resellers and self-hosted servers.
+"""OpenAI-compatible chat completions over SSE: the shared wire code, and the client for any
+OpenAI-compatible server (resellers such as AIsa / OpenRouter, self-hosted vLLM / SGLang).
 
 The request is a streaming `POST {base}/chat/completions`; the response is parsed incrementally
-from raw bytes. Usage is read wherever real services put it (top level or inside the choice),
-reasoning from `reasoning_content` or `reasoning`, and reading goes on after finish_reason until
+from raw bytes by `StreamParser`, which copes with every format in ../shared/KIMI-PROTOCOL.md:
+usage at the top level or inside the choice (last one wins), cached tokens in either spelling or
+from the Workers AI trailing native event, reasoning from `reasoning_content` or `reasoning` (never
+doubled), OpenRouter `reasoning_details`, the Workers AI `p` padding field, `choices: []` usage
+chunks, and errors sent as a data event after a 200. Reading goes on after finish_reason until
 `[DONE]` or EOF because usage can come last.
+
+Subclasses (moonshot.py, workers_ai.py) change only the body, the URL and the error mapping.
 """
 
 import json
@@ -13,36 +19,194 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from . import errors
 from .base import ChatRequest, ProviderClient, ProviderError, StreamItem, Usage
 from .sse import SSEParser
 
 log = logging.getLogger(__name__)
 
-# Moonshot pins these for kimi-k2.5 / k2.6 and answers 400 to any other value.
-MOONSHOT_FIXED_SAMPLING_MODELS = ("kimi-k2.5", "kimi-k2.6")
-RETRY_AFTER_TEXT = re.compile(r"after (\d+(?:\.\d+)?) ?s", re.IGNORECASE)
+# Kimi (and Moonshot) accept images only as base64 data URLs in these formats.
+ALLOWED_IMAGE = re.compile(r"^data:image/(png|jpeg|webp|gif);base64,", re.IGNORECASE)
+
+
+def dumps(body: dict) -> bytes:
+    """Compact, key-order-stable JSON: turn N+1's body starts with turn N's messages byte for
+    byte, which is what the provider's prefix cache matches on."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def check_images(messages: list[dict]) -> None:
+    """Refuse, before any call, an image part that is not a png/jpeg/webp/gif data URL."""
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            url = (part.get("image_url") or {}).get("url", "")
+            if not isinstance(url, str) or not ALLOWED_IMAGE.match(url):
+                shown = url[:40] if isinstance(url, str) else type(url).__name__
+                raise errors.make(
+                    errors.UnsupportedImage, status=None, detail=f"refused image url {shown!r}"
+                )
+
+
+# ---- parsing --------------------------------------------------------------------------------
+
+
+def parse_usage(raw: dict) -> tuple[Usage, bool]:
+    """-> (usage, whether the body reported cached tokens at all)."""
+    details = raw.get("prompt_tokens_details") or {}
+    cached = None
+    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+        cached = details["cached_tokens"]
+    elif raw.get("cached_tokens") is not None:
+        cached = raw["cached_tokens"]
+    usage = Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        cached_tokens=int(cached or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+    )
+    return usage, cached is not None
+
+
+class StreamParser:
+    """Per-reply parsing state: the usage seen so far (last one wins, except that a usage
+    without any cached-token field keeps the cached count an earlier one reported)."""
+
+    __slots__ = ("usage", "_cached_known", "error_mapper")
+
+    def __init__(self, error_mapper=errors.from_openai_body) -> None:
+        self.usage: Usage | None = None
+        self._cached_known = False
+        self.error_mapper = error_mapper
+
+    def _take_usage(self, raw: dict) -> Usage:
+        usage, has_cached = parse_usage(raw)
+        if has_cached:
+            self._cached_known = True
+        elif self.usage is not None and self._cached_known:
+            usage.cached_tokens = self.usage.cached_tokens
+        self.usage = usage
+        return usage
+
+    def event(self, data: str) -> StreamItem | None:
+        """One `data:` payload -> a StreamItem, None for events that carry nothing we use."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            log.warning("ignoring a non-JSON SSE event: %.200s", data)
+            return None
+        if not isinstance(event, dict):
+            return None
+        if "error" in event or event.get("success") is False:
+            # Resellers report failures after a 200 as a data event: an error, not text.
+            raise self.error_mapper(event, status=None)
+        item = StreamItem()
+        usage = event.get("usage")
+        choices = event.get("choices")
+        if isinstance(choices, list) and choices:
+            choice = choices[0] or {}
+            delta = choice.get("delta") or choice.get("message") or {}
+            content = delta.get("content")
+            if isinstance(content, str):
+                item.content = content
+            # Workers AI K2.5 sends both fields with the same text: take one, never both.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str):
+                item.reasoning = reasoning
+            if isinstance(delta.get("reasoning_details"), list):
+                item.reasoning_details = delta["reasoning_details"]
+            if delta.get("tool_calls"):
+                item.tool_calls = delta["tool_calls"]
+            item.finish_reason = choice.get("finish_reason") or None
+            if not isinstance(usage, dict):
+                usage = choice.get("usage")
+        elif isinstance(event.get("response"), str):
+            # The Workers AI native format; its trailing event has response "" and the usage
+            # with the cached tokens.
+            item.content = event["response"]
+        elif isinstance(event.get("result"), dict):
+            # A v4 envelope around a whole completion (non-stream /ai/run).
+            return self.event(json.dumps(event["result"]))
+        if isinstance(usage, dict):
+            item.usage = self._take_usage(usage)
+        return item
+
+
+def parse_event(data: str) -> StreamItem | None:
+    """Stateless convenience for one event (tests and simple callers)."""
+    return StreamParser().event(data)
+
+
+def parse_completion(raw: bytes, error_mapper=errors.from_openai_body) -> StreamItem:
+    """A non-stream body (bare or in a v4 envelope; OpenRouter may pad it with whitespace)."""
+    item = StreamParser(error_mapper).event(raw.decode("utf-8", "replace").strip())
+    if item is None:
+        raise errors.make(errors.UpstreamServerError, status=200, detail=raw[:500].decode())
+    return item
+
+
+# ---- the client -----------------------------------------------------------------------------
 
 
 class OpenAICompatClient(ProviderClient):
     kind = "openai_compat"
+    # The field an assistant tool-call turn's reasoning is echoed in. Generic servers differ
+    # (vLLM >= 0.11 reads `reasoning`, older vLLM and Avian-style resellers
+    # `reasoning_content`), so both carry the same text; OpenRouter also gets its
+    # `reasoning_details` back exactly as received.
+    reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")
+    echo_reasoning_details = True
+    max_tokens_field = "max_completion_tokens"
+    error_mapper = staticmethod(errors.from_openai_body)
 
-    def __init__(self, *, base_url: str, api_key: str, http: httpx.AsyncClient) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+    def __init__(
+        self, *, base_url: str, api_key: str, http: httpx.AsyncClient, name: str = ""
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.http = http
+        self.name = name or self.kind
+
+    # ---- request -----------------------------------------------------------------------------
+
+    def url(self, request: ChatRequest) -> str:
+        return self.base_url + "/chat/completions"
+
+    def wire_messages(self, messages: list[dict]) -> list[dict]:
+        """Stored history -> this provider's message shapes. Assistant tool-call turns carry
+        their reasoning exactly as received (even ""), content omitted when empty."""
+        out = []
+        for message in messages:
+            if message.get("role") != "assistant" or "reasoning_content" not in message:
+                out.append(message)
+                continue
+            entry = {k: v for k, v in message.items() if k not in ("reasoning_content",)}
+            details = entry.pop("reasoning_details", None)
+            for field in self.reasoning_fields:
+                entry[field] = message["reasoning_content"]
+            if self.echo_reasoning_details and details:
+                entry["reasoning_details"] = details
+            if not entry.get("content"):
+                entry.pop("content", None)
+            out.append(entry)
+        return out
 
     def build_body(self, request: ChatRequest) -> dict:
         body: dict = {
             "model": request.model,
-            "messages": request.messages,
+            "messages": self.wire_messages(request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request.max_output_tokens:
-            body["max_completion_tokens"] = request.max_output_tokens
+            body[self.max_tokens_field] = request.max_output_tokens
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.thinking is not None:
+            # vLLM / SGLang: the Kimi chat template's own kwarg. Never with reasoning_effort.
             body["chat_template_kwargs"] = {"thinking": request.thinking}
         return body
 
@@ -58,29 +222,48 @@ class OpenAICompatClient(ProviderClient):
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
+    # ---- response ----------------------------------------------------------------------------
+
+    def error_from_response(self, status: int, raw: bytes, headers: httpx.Headers) -> ProviderError:
+        body = errors.parse_error_body(raw)
+        error = self.error_mapper(
+            body, status=status, retry_after=errors.retry_after_header(headers.get("retry-after"))
+        )
+        if isinstance(error, errors.InvalidKey):
+            hint = f"…{self.api_key[-4:]}" if len(self.api_key) >= 12 else "(not set)"
+            error.staff_message = (
+                f"The provider key for {self.name} ({hint}) is invalid: "
+                "check it in the admin or the environment."
+            )
+        return error
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        # Compact, key-order-stable JSON: turn N+1's body starts with turn N's messages byte for
-        # byte, which is what the provider's prefix cache matches on.
-        body = json.dumps(self.build_body(request), ensure_ascii=False, separators=(",", ":"))
+        check_images(request.messages)
+        body = dumps(self.build_body(request))
+        parser = StreamParser(self.error_mapper)
         try:
             async with self.http.stream(
-                "POST", self.url, content=body.encode(), headers=self.headers(request)
+                "POST", self.url(request), content=body, headers=self.headers(request)
             ) as response:
                 if response.status_code >= 400:
                     raw = await response.aread()
-                    raise error_from_response(response.status_code, raw, response.headers)
-                parser = SSEParser()
+                    raise self.error_from_response(response.status_code, raw, response.headers)
+                if "json" in response.headers.get("content-type", ""):
+                    # A non-stream answer (some servers ignore stream: true, or an envelope).
+                    yield parse_completion(await response.aread(), self.error_mapper)
+                    return
+                sse = SSEParser()
                 async for chunk in response.aiter_raw():
-                    for data in parser.feed(chunk):
+                    for data in sse.feed(chunk):
                         if data == "[DONE]":
                             return
-                        item = parse_event(data)
+                        item = parser.event(data)
                         if item is not None:
                             yield item
-                for data in parser.close():
+                for data in sse.close():
                     if data == "[DONE]":
                         return
-                    item = parse_event(data)
+                    item = parser.event(data)
                     if item is not None:
                         yield item
         except httpx.ReadTimeout as exc:
@@ -106,143 +289,21 @@ class OpenAICompatClient(ProviderClient):
             ) from None
 
 
-class MoonshotClient(OpenAICompatClient):
-    kind = "moonshot"
-
-    def build_body(self, request: ChatRequest) -> dict:
-        body = super().build_body(request)
-        body.pop("chat_template_kwargs", None)
-        if request.thinking is not None:
-            body["thinking"] = {"type": "enabled" if request.thinking else "disabled"}
-        if request.model.startswith(MOONSHOT_FIXED_SAMPLING_MODELS):
-            for key in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty"):
-                body.pop(key, None)
-        return body
-
-
-def parse_usage(raw: dict) -> Usage:
-    details = raw.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") or raw.get("cached_tokens") or 0
-    return Usage(
-        prompt_tokens=int(raw.get("prompt_tokens") or 0),
-        cached_tokens=int(cached),
-        completion_tokens=int(raw.get("completion_tokens") or 0),
-    )
-
-
-def parse_event(data: str) -> StreamItem | None:
-    """One `data:` payload -> a StreamItem, None for events that carry nothing we use."""
-    try:
-        event = json.loads(data)
-    except ValueError:
-        log.warning("ignoring a non-JSON SSE event: %.200s", data)
-        return None
-    if not isinstance(event, dict):
-        return None
-    if "error" in event:
-        # Resellers report failures after a 200 as a data event; it is an error, not text.
-        raise error_from_body(event, status=None)
-    item = StreamItem()
-    usage = event.get("usage")
-    choices = event.get("choices") or []
-    if choices:
-        choice = choices[0]
-        delta = choice.get("delta") or choice.get("message") or {}
-        content = delta.get("content")
-        if isinstance(content, str):
-            item.content = content
-        # Some servers send both fields with the same text: take one, never both.
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str):
-            item.reasoning = reasoning
-        if delta.get("tool_calls"):
-            item.tool_calls = delta["tool_calls"]
-        item.finish_reason = choice.get("finish_reason") or None
-        usage = usage or choice.get("usage")
-    elif isinstance(event.get("response"), str):
-        item.content = event["response"]
-    if isinstance(usage, dict):
-        item.usage = parse_usage(usage)
-    return item
-
-
-def _error_payload(body: object) -> tuple[str, str, object]:
-    """-> (message, type, code) from the usual {"error": {...}} shapes."""
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return (
-                str(error.get("message") or ""),
-                str(error.get("type") or ""),
-                error.get("code"),
-            )
-        if isinstance(error, str):
-            return error, "", None
-    return "", "", None
-
-
-def error_from_body(
-    body: object, *, status: int | None, retry_after: float | None = None
-) -> ProviderError:
-    message, error_type, code = _error_payload(body)
-    if status is None and isinstance(code, int):
-        status = code
-    text = f"{error_type} {message}".lower()
-    detail = json.dumps(body)[:2000] if body is not None else ""
-    if retry_after is None:
-        match = RETRY_AFTER_TEXT.search(message)
-        retry_after = float(match.group(1)) if match else None
-
-    if "quota" in text or "insufficient balance" in text or "recharge" in text or status == 402:
-        return ProviderError(
-            "The model provider account is out of credit. Ask an administrator to check billing.",
-            status=status,
-            code="billing",
-            detail=detail,
-        )
-    if status == 401:
-        return ProviderError(
-            "The provider key is invalid. Ask an administrator to check it.",
-            status=status,
-            code="auth",
-            detail=detail,
-        )
-    if status == 429:
-        return ProviderError(
-            "The model provider is busy (rate limit). Please try again shortly.",
-            retryable=True,
-            retry_after=retry_after,
-            status=status,
-            code="rate_limited",
-            detail=detail,
-        )
-    if status is not None and status >= 500:
-        return ProviderError(
-            "The model provider had a server error. Please try again.",
-            retryable=True,
-            retry_after=retry_after,
-            status=status,
-            code="upstream_error",
-            detail=detail,
-        )
-    shown = message or "The model provider refused the request."
-    return ProviderError(
-        f"The model provider refused the request: {shown}",
-        status=status,
-        code="bad_request",
-        detail=detail,
-    )
-
-
-def error_from_response(status: int, raw: bytes, headers: httpx.Headers) -> ProviderError:
-    try:
-        body: object = json.loads(raw)
-    except ValueError:
-        body = {"error": {"message": raw.decode("utf-8", "replace")[:500]}}
-    retry_after = None
-    if headers.get("retry-after"):
-        try:
-            retry_after = float(headers["retry-after"])
-        except ValueError:
-            retry_after = None
-    return error_from_body(body, status=status, retry_after=retry_after)
+def merge_reasoning_details(merged: list[dict], deltas: list[dict]) -> None:
+    """Fold streamed OpenRouter `reasoning_details` deltas into whole entries (by index and
+    type), the shape the provider expects back on a tool-call turn."""
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        key = (delta.get("index", 0), delta.get("type"))
+        for entry in merged:
+            if (entry.get("index", 0), entry.get("type")) == key:
+                break
+        else:
+            merged.append(dict(delta))
+            continue
+        for field, value in delta.items():
+            if field in ("text", "summary", "data") and isinstance(value, str):
+                entry[field] = (entry.get(field) or "") + value
+            elif field not in entry or entry[field] is None:
+                entry[field] = value

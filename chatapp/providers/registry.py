@@ -9,10 +9,13 @@ from django.conf import settings
 
 from .base import ProviderClient
 from .demo import DemoClient
-from .openai_compat import MoonshotClient, OpenAICompatClient
+from .moonshot import MoonshotClient
+from .openai_compat import OpenAICompatClient
+from .workers_ai import WorkersAIBatchClient, WorkersAIClient
 
 CLIENT_CLASSES: dict[str, type[OpenAICompatClient]] = {
     "moonshot": MoonshotClient,
+    "workers_ai": WorkersAIClient,
     "openai_compat": OpenAICompatClient,
 }
 
@@ -33,15 +36,19 @@ def _http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
 
 
-def client_for(*, kind: str, base_url: str, api_key: str) -> ProviderClient:
+def client_for(*, kind: str, base_url: str, api_key: str, name: str = "") -> ProviderClient:
     if kind == "demo":
         return DemoClient(tokens_per_second=settings.DEMO_TOKENS_PER_SECOND)
     loop = asyncio.get_running_loop()
     per_loop = _clients.setdefault(loop, {})
-    key = (kind, base_url, api_key)
+    key = (kind, base_url, api_key, name)
     client = per_loop.get(key)
     if client is None:
         client_class = CLIENT_CLASSES.get(kind, OpenAICompatClient)
-        client = client_class(base_url=base_url, api_key=api_key, http=_http_client())
+        client = client_class(base_url=base_url, api_key=api_key, http=_http_client(), name=name)
         per_loop[key] = client
     return client
+
+
+def batch_client_for(*, base_url: str, api_key: str) -> WorkersAIBatchClient:
+    return WorkersAIBatchClient(base_url=base_url, api_key=api_key, http=_http_client())

@@ -1,0 +1,236 @@
+"""Request settings and the context window: what each reply asks the provider for.
+
+- thinking / max output tokens / temperature come from the conversation (None = the provider's
+  default), the budget from the conversation, else the model, else DEFAULT_MAX_OUTPUT_TOKENS;
+- the output budget is clamped so that the estimated input plus the budget fits the window
+  (Kimi answers 400 "exceeded model token limit" otherwise, and reasoning eats the budget too);
+- a conversation whose input alone no longer leaves room for a useful answer is refused before
+  any call, with a clear message;
+- how full the window is, and the conversation's prompt-cache hit rate, for the page.
+
+Token counts are estimates (no tokenizer ships with the app): ~4 ASCII characters or 1 other
+character per token, images by their pixel area (about one token per 14x14 tile), calibrated by
+the last reply's real prompt_tokens when there is one. Estimates err on the large side.
+"""
+
+import base64
+import binascii
+import io
+import logging
+import math
+from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db.models import Sum
+from PIL import Image, UnidentifiedImageError
+
+from .conversations import ClientError
+from .models import Conversation, Message, ModelConfig
+from .providers.base import ChatRequest
+
+log = logging.getLogger(__name__)
+
+MESSAGE_OVERHEAD = 8  # role markers and separators of the chat template, per message
+SAFETY_MARGIN = 512  # our estimate is approximate; keep this much spare
+MIN_OUTPUT_TOKENS = 1024  # less than this left for the answer = refuse before calling
+IMAGE_TILE = 14 * 14
+IMAGE_FALLBACK_TOKENS = 1_500
+
+
+def text_tokens(text: str) -> int:
+    if not text:
+        return 0
+    ascii_chars = sum(1 for c in text if c < "\x80")
+    return math.ceil(ascii_chars / 4) + (len(text) - ascii_chars)
+
+
+def image_tokens(url: str) -> int:
+    """Tokens of a data-URL image from its size; only the header bytes are decoded."""
+    try:
+        encoded = url.split(",", 1)[1]
+        head = base64.b64decode(encoded[: 64 * 1024 // 3 * 4])
+        with Image.open(io.BytesIO(head)) as image:
+            width, height = image.size
+    except (IndexError, ValueError, binascii.Error, UnidentifiedImageError, OSError):
+        return IMAGE_FALLBACK_TOKENS
+    return max(64, math.ceil(width * height / IMAGE_TILE))
+
+
+def estimate_messages(messages: list[dict]) -> int:
+    total = 0
+    for message in messages:
+        total += MESSAGE_OVERHEAD
+        content = message.get("content")
+        if isinstance(content, str):
+            total += text_tokens(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    total += text_tokens(part.get("text", ""))
+                elif part.get("type") == "image_url":
+                    total += image_tokens((part.get("image_url") or {}).get("url", ""))
+        for key in ("reasoning_content", "tool_calls", "reasoning_details"):
+            if message.get(key):
+                total += text_tokens(str(message[key]))
+    return total
+
+
+def _calibrated(conversation: Conversation, *, before_id: int | None) -> int | None:
+    """The last reply's real prompt size plus what came after it (text only), or None."""
+    replies = conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
+    if before_id is not None:
+        replies = replies.filter(id__lt=before_id)
+    last = replies.order_by("-id").only("id", "prompt_tokens", "content").first()
+    if last is None:
+        return None
+    after = conversation.messages.filter(id__gt=last.id)
+    if before_id is not None:
+        after = after.filter(id__lt=before_id)
+    total = last.prompt_tokens + text_tokens(last.content) + MESSAGE_OVERHEAD
+    for content in after.values_list("content", flat=True):
+        total += text_tokens(content) + MESSAGE_OVERHEAD
+    return total
+
+
+def estimate_input(
+    conversation: Conversation, messages: list[dict], *, before_id: int | None = None
+) -> int:
+    heuristic = estimate_messages(messages)
+    calibrated = _calibrated(conversation, before_id=before_id)
+    return max(heuristic, calibrated or 0)
+
+
+@dataclass
+class Plan:
+    request: ChatRequest
+    estimated_input: int
+    window: int
+    budget: int
+
+
+def overflow_error(*, model: ModelConfig, used: int) -> ClientError:
+    return ClientError(
+        "context_full",
+        f"This conversation no longer fits in {model.display_name}'s context window "
+        f"(about {used:,} of {model.context_window:,} tokens used). "
+        "Start a new conversation to continue.",
+    )
+
+
+def check_fits(*, model: ModelConfig, used: int) -> None:
+    if used + MIN_OUTPUT_TOKENS + SAFETY_MARGIN > model.context_window:
+        raise overflow_error(model=model, used=used)
+
+
+def plan_request(
+    *, conversation: Conversation, model: ModelConfig, messages: list[dict], before_id: int
+) -> Plan:
+    """The ChatRequest for a reply, its budget clamped to the window; ClientError if full."""
+    used = estimate_input(conversation, messages, before_id=before_id)
+    check_fits(model=model, used=used)
+    wanted = (
+        conversation.max_output_tokens
+        or model.max_output_tokens
+        or settings.DEFAULT_MAX_OUTPUT_TOKENS
+    )
+    budget = max(1, min(wanted, model.context_window - used - SAFETY_MARGIN))
+    request = ChatRequest(
+        model=model.model_id,
+        messages=messages,
+        affinity_id=conversation.affinity_id,
+        # A model without reasoning has no thinking switch to send.
+        thinking=conversation.thinking if model.reasoning else None,
+        max_output_tokens=budget,
+        temperature=conversation.temperature,
+    )
+    return Plan(request=request, estimated_input=used, window=model.context_window, budget=budget)
+
+
+def cache_hit_rate(conversation: Conversation) -> float | None:
+    """Cached share of all prompt tokens of the conversation's replies (None before any)."""
+    totals = conversation.messages.filter(
+        role=Message.Role.ASSISTANT, prompt_tokens__gt=0
+    ).aggregate(prompt=Sum("prompt_tokens"), cached=Sum("cached_tokens"))
+    if not totals["prompt"]:
+        return None
+    return round((totals["cached"] or 0) / totals["prompt"], 4)
+
+
+def context_state(
+    conversation: Conversation, *, used: int | None = None, budget: int | None = None
+) -> dict:
+    """How full the window is, for the page (`context` frames and the page data)."""
+    model = conversation.model
+    window = model.context_window if model else 0
+    if used is None:
+        used = _calibrated(conversation, before_id=None)
+        if used is None:
+            used = sum(
+                text_tokens(c) + MESSAGE_OVERHEAD
+                for c in conversation.messages.values_list("content", flat=True)
+            )
+            if conversation.system_prompt:
+                used += text_tokens(conversation.system_prompt) + MESSAGE_OVERHEAD
+    if budget is None and model is not None:
+        budget = min(
+            conversation.max_output_tokens
+            or model.max_output_tokens
+            or settings.DEFAULT_MAX_OUTPUT_TOKENS,
+            max(1, window - used - SAFETY_MARGIN),
+        )
+    return {
+        "used": used,
+        "window": window,
+        "percent": round(100 * used / window, 1) if window else 0,
+        "budget": budget,
+        "cache_hit_rate": cache_hit_rate(conversation),
+    }
+
+
+def check_send_fits(*, conversation: Conversation, text: str, before_id: int | None = None) -> None:
+    """Before a turn is written: refuse when the stored conversation plus `text` (and the
+    minimum answer) would not fit. Text only; images are counted when the request is built."""
+    model = conversation.model
+    if model is None:
+        return
+    stored = conversation.messages.all()
+    if before_id is not None:
+        stored = stored.filter(id__lt=before_id)
+    used = _calibrated(conversation, before_id=before_id)
+    if used is None:
+        used = sum(
+            text_tokens(c) + MESSAGE_OVERHEAD for c in stored.values_list("content", flat=True)
+        )
+        used += text_tokens(conversation.system_prompt)
+    used += text_tokens(text) + MESSAGE_OVERHEAD if text else 0
+    check_fits(model=model, used=used)
+
+
+def conversation_set_max_output_tokens(*, conversation: Conversation, value: int) -> None:
+    """The output budget of the conversation's replies (the larger-budget retry sets it)."""
+    model = conversation.model
+    ceiling = model.context_window if model else 1_000_000
+    if not isinstance(value, int) or isinstance(value, bool) or not 256 <= value <= ceiling:
+        raise ClientError(
+            "bad_budget", f"The output budget must be a whole number from 256 to {ceiling:,}."
+        )
+    conversation.max_output_tokens = value
+    Conversation.objects.filter(pk=conversation.pk).update(max_output_tokens=value)
+
+
+async def acontext_for(conversation_id: int) -> dict | None:
+    """context_state by id, from async code; None (and a log line) if it cannot be computed,
+    because an indicator must never break a reply."""
+
+    def load() -> dict | None:
+        conversation = (
+            Conversation.objects.select_related("model").filter(pk=conversation_id).first()
+        )
+        return context_state(conversation) if conversation else None
+
+    try:
+        return await database_sync_to_async(load)()
+    except Exception:
+        log.exception("context state of conversation %s failed", conversation_id)
+        return None
