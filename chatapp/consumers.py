@@ -5,9 +5,9 @@ Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "s
 optionally with a larger output budget).
 Server frames: "message" (the saved user message and the new reply), "delta" {message_id, seq,
 text|reasoning}, "reply.status" {text} (retrying, waiting in line), "reply.end" {message},
-"reply.replaced" {old_id, reply}; "state" and "reply.end" also carry "context" {used, window,
-percent, budget, cache_hit_rate}: how full the context window is.
-"state" {reply|null, last?} and "error" {code, message, message_id?}.
+"reply.replaced" {old_id, reply}, "state" {reply|null, last?} and "error" {code, message,
+message_id?}. "state" and "reply.end" also carry "context" {used, window, percent, budget,
+cache_hit_rate}: how full the context window is.
 """
 
 import json

@@ -7,6 +7,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from .context_window import context_state
 from .conversations import (
     ClientError,
     conversation_create,
@@ -33,6 +34,7 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
                 {"id": conversation.pk, "title": conversation.title} if conversation else None
             ),
             "messages": conversation_messages(conversation) if conversation else [],
+            "context": context_state(conversation) if conversation else None,
             "models": [
                 {"id": m.pk, "name": m.display_name, "vision": m.vision, "demo": m.is_demo}
                 for m in models

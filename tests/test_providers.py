@@ -1,6 +1,7 @@
 """Every provider kind end to end: the real websocket stack, a real local upstream speaking that
 provider's format, and the saved reply (text, reasoning, usage, cached tokens, cost, errors)."""
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -536,3 +537,30 @@ async def test_a_slow_first_reply_does_not_block_when_unlimited(fake_upstream):
     await ws_a.disconnect()
     await ws_b.disconnect()
     assert not any(f["type"] == "reply.status" for f in frames_b)
+
+
+def test_the_page_shows_how_full_the_window_is_and_the_cache_hit_rate(client, fake_upstream):
+    user = user_create()
+    model = ModelConfig.objects.get(model_id="fake-model")
+    conversation = Conversation.objects.create(owner=user, model=model)
+    Message.objects.create(conversation=conversation, role="user", content="hi " * 400)
+    Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        content="hello",
+        model=model,
+        prompt_tokens=1000,
+        cached_tokens=750,
+        completion_tokens=10,
+    )
+    client.force_login(user)
+    html = client.get(f"/c/{conversation.pk}/").content.decode()
+    assert 'id="context-meter"' in html
+    data = json.loads(
+        html.split('id="page-data" type="application/json">', 1)[1].split("</script>")[0]
+    )
+    context = data["context"]
+    assert context["window"] == model.context_window
+    assert context["used"] >= 1000 and 0 < context["percent"] < 100
+    assert context["cache_hit_rate"] == 0.75
+    assert data["messages"][1]["uncached_tokens"] == 250

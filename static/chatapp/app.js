@@ -1,6 +1,7 @@
 // The chat page: history, the composer, and the live reply.
 import { renderInto } from "./render.js";
 import { ConversationSocket } from "./socket.js";
+import { largerBudget, showContext } from "./context.js";
 
 const data = JSON.parse(document.getElementById("page-data").textContent);
 const $ = (id) => document.getElementById(id);
@@ -70,6 +71,7 @@ function renderMeta(el, message) {
   if (message.model) parts.push(message.model);
   if (message.prompt_tokens != null) {
     parts.push(`${message.prompt_tokens} in · ${message.cached_tokens || 0} cached · ${message.completion_tokens} out`);
+    if (Number(message.cache_saved_usd) > 0) parts.push(`cache saved $${Number(message.cache_saved_usd).toFixed(4)}`);
   }
   if (message.ttft_ms != null) parts.push(`first token ${(message.ttft_ms / 1000).toFixed(2)} s`);
   if (message.status === "cancelled") parts.push("stopped");
@@ -86,6 +88,14 @@ function renderMeta(el, message) {
     retry.textContent = "Retry";
     retry.addEventListener("click", () => socket && socket.send({ type: "regenerate", message_id: message.id }));
     meta.append(retry);
+  }
+  if (message.status === "error" && message.finish_reason === "length" && !message.content) {
+    const larger = document.createElement("button");
+    larger.type = "button";
+    larger.className = "retry larger-budget";
+    larger.textContent = "Retry with a larger budget";
+    larger.addEventListener("click", () => socket && socket.send({ type: "regenerate", message_id: message.id, max_output_tokens: largerBudget() }));
+    meta.append(larger);
   }
   if (message.error) {
     const error = document.createElement("p");
@@ -142,6 +152,7 @@ function setConnection(text) {
 
 const handlers = {
   state(frame) {
+    showContext(frame.context);
     const reply = frame.reply;
     if (!reply) {
       // Nothing is streaming: if a reply ended while we were away, show its final form.
@@ -193,6 +204,7 @@ const handlers = {
     el.querySelector(".meta").textContent = frame.text;
   },
   "reply.end"(frame) {
+    showContext(frame.context);
     const message = frame.message;
     if (live && live.id === message.id) live = null;
     const el = renderMessage(message);
@@ -292,6 +304,7 @@ stopButton.addEventListener("click", () => socket && socket.send({ type: "stop" 
 
 // ---- start -----------------------------------------------------------------------------------
 
+showContext(data.context);
 for (const message of data.messages) {
   const el = renderMessage(message);
   if (message.status === "streaming") el.classList.add("streaming");
