@@ -564,3 +564,53 @@ def test_the_page_shows_how_full_the_window_is_and_the_cache_hit_rate(client, fa
     assert context["used"] >= 1000 and 0 < context["percent"] < 100
     assert context["cache_hit_rate"] == 0.75
     assert data["messages"][1]["uncached_tokens"] == 250
+
+
+async def test_workers_ai_openai_compatible_endpoint_when_the_base_ends_in_v1(workers_ai):
+    await Provider.objects.filter(kind="workers_ai").aupdate(
+        base_url=workers_ai.base_url + "/accounts/acct123/ai/v1"
+    )
+    workers_ai.enqueue(workers_ai_run_stream(["ok"]))
+    user, conversation = await make_chat(model_id="@cf/moonshotai/kimi-k2.6")
+    _, reply = await chat(user, conversation)
+    request = workers_ai.requests[-1]
+    assert request.path == "/v1/accounts/acct123/ai/v1/chat/completions"
+    assert request.json["model"] == "@cf/moonshotai/kimi-k2.6"
+    assert (reply.content, reply.cached_tokens) == ("ok", 1024)
+
+
+@pytest.mark.production
+async def test_the_line_goes_through_redis_when_redis_url_is_set(fake_upstream, settings):
+    import redis.asyncio as redis
+
+    probe = redis.from_url("redis://127.0.0.1:6379/2")
+    try:
+        await probe.ping()
+    except Exception:
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    provider = await Provider.objects.aget(kind="openai_compat")
+    await probe.delete(
+        *(f"chatapp:gate:{provider.pk}:{k}" for k in ("holders", "waiters", "alive"))
+    )
+    settings.REDIS_URL = "redis://127.0.0.1:6379/2"
+    await Provider.objects.filter(pk=provider.pk).aupdate(max_concurrency=1)
+    fake_upstream.enqueue(stream_reply(["slow"] * 3, delay=0.3), stream_reply(["second"]))
+    user_a, first = await make_chat(model_id="fake-model")
+    user_b, second = await make_chat(model_id="fake-model")
+    ws_a = await connect(user_a, first.pk)
+    ws_b = await connect(user_b, second.pk)
+    await ws_a.receive_json_from()
+    await ws_b.receive_json_from()
+    await ws_a.send_json_to({"type": "send", "text": "first"})
+    await receive_until(ws_a, "delta", timeout=10)
+    assert await probe.zcard(f"chatapp:gate:{provider.pk}:holders") == 1
+    await ws_b.send_json_to({"type": "send", "text": "second"})
+    status = (await receive_until(ws_b, "reply.status", timeout=10))[-1]
+    assert status["text"] == "waiting for the provider: 1st in line"
+    end_b = (await receive_until(ws_b, "reply.end", timeout=20))[-1]["message"]
+    await receive_until(ws_a, "reply.end", timeout=20)
+    await ws_a.disconnect()
+    await ws_b.disconnect()
+    assert end_b["content"] == "second"
+    assert await probe.zcard(f"chatapp:gate:{provider.pk}:holders") == 0
+    await probe.aclose()
