@@ -322,3 +322,37 @@ def test_admin_key_is_write_only():
 
     chat = client.get("/")
     assert "sk-new-key-2222" not in chat.content.decode()
+
+
+def test_a_null_error_field_is_not_an_error_and_usage_keeps_cached_tokens():
+    from chatapp.providers.openai_compat import StreamParser
+
+    parser = StreamParser()
+    item = parser.event('{"error":null,"choices":[{"delta":{"content":"hi"}}]}')
+    assert item.content == "hi"
+    # Cached tokens from the choice-level usage survive a later top-level usage without them.
+    parser.event(
+        '{"choices":[{"delta":{},"finish_reason":"stop","usage":{"prompt_tokens":8,'
+        '"completion_tokens":2,"cached_tokens":8}}]}'
+    )
+    last = parser.event('{"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3}}')
+    assert (last.usage.prompt_tokens, last.usage.cached_tokens, last.usage.completion_tokens) == (
+        8,
+        8,
+        3,
+    )
+
+
+def test_moonshot_captured_final_chunk_usage_inside_the_choice():
+    import ast
+
+    text = fixture_text("moonshot_k2turbo_stream_final_chunk_usage_in_choice.pydict.txt")
+    literal = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    chunk = ast.literal_eval(literal.strip())
+    item = parse_completion(json.dumps(chunk).encode())
+    assert item.finish_reason == "stop"
+    assert (item.usage.prompt_tokens, item.usage.cached_tokens, item.usage.completion_tokens) == (
+        8,
+        8,
+        11,
+    )

@@ -100,7 +100,7 @@ class StreamParser:
             return None
         if not isinstance(event, dict):
             return None
-        if "error" in event or event.get("success") is False:
+        if event.get("error") or event.get("success") is False:
             # Resellers report failures after a 200 as a data event: an error, not text.
             raise self.error_mapper(event, status=None)
         item = StreamItem()
