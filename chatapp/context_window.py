@@ -6,7 +6,8 @@
   (Kimi answers 400 "exceeded model token limit" otherwise, and reasoning eats the budget too);
 - a conversation whose input alone no longer leaves room for a useful answer is refused before
   any call, with a clear message;
-- how full the window is, and the conversation's prompt-cache hit rate, for the page.
+- how full the window is, the conversation's prompt-cache hit rate, and the warning that editing
+  an early message or the system prompt loses the cached prefix, for the page.
 
 Token counts are estimates (no tokenizer ships with the app): ~4 ASCII characters or 1 other
 character per token, images by their pixel area (about one token per 14x14 tile), calibrated by
@@ -179,13 +180,34 @@ def context_state(
             or settings.DEFAULT_MAX_OUTPUT_TOKENS,
             max(1, window - used - SAFETY_MARGIN),
         )
+    cached_prefix = (
+        conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
+        .order_by("-id")
+        .values_list("cached_tokens", flat=True)
+        .first()
+    )
     return {
         "used": used,
         "window": window,
         "percent": round(100 * used / window, 1) if window else 0,
         "budget": budget,
         "cache_hit_rate": cache_hit_rate(conversation),
+        "cached_prefix_tokens": cached_prefix or 0,
+        "edit_warning": prefix_loss_warning(cached_prefix or 0),
     }
+
+
+def prefix_loss_warning(cached_tokens: int) -> str:
+    """What to tell someone about to edit an early message or the system prompt: the
+    provider's cache matches the request's prefix byte for byte, so the next reply pays full
+    price for everything after the change."""
+    if cached_tokens <= 0:
+        return ""
+    return (
+        f"Editing an earlier message or the system prompt drops the cached prefix "
+        f"(about {cached_tokens:,} tokens were served from the provider's cache last turn): "
+        "the next reply is slower and costs more."
+    )
 
 
 def check_send_fits(*, conversation: Conversation, text: str, before_id: int | None = None) -> None:

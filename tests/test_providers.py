@@ -563,6 +563,8 @@ def test_the_page_shows_how_full_the_window_is_and_the_cache_hit_rate(client, fa
     assert context["window"] == model.context_window
     assert context["used"] >= 1000 and 0 < context["percent"] < 100
     assert context["cache_hit_rate"] == 0.75
+    assert context["cached_prefix_tokens"] == 750
+    assert "cached prefix" in context["edit_warning"] and "750" in context["edit_warning"]
     assert data["messages"][1]["uncached_tokens"] == 250
 
 
