@@ -1,7 +1,22 @@
 from django import forms
-from django.contrib import admin
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 
-from .models import Conversation, Message, ModelConfig, Provider
+from . import accounts, teams
+from .models import (
+    Conversation,
+    Membership,
+    Message,
+    ModelConfig,
+    Provider,
+    Team,
+    UsageRecord,
+)
+
+User = get_user_model()
 
 
 class ProviderForm(forms.ModelForm):
@@ -84,8 +99,8 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "owner", "model", "created_at", "updated_at")
-    list_filter = ("model",)
+    list_display = ("__str__", "owner", "team", "model", "created_at", "updated_at")
+    list_filter = ("model", "team")
     search_fields = ("title", "owner__username", "affinity_id", "messages__content")
     readonly_fields = ("affinity_id", "created_at", "updated_at")
     inlines = [MessageInline]
@@ -107,3 +122,156 @@ class MessageAdmin(admin.ModelAdmin):
     list_filter = ("role", "status")
     search_fields = ("content", "reasoning", "error", "conversation__title")
     readonly_fields = ("created_at", "updated_at")
+
+
+# ---- accounts and teams ----------------------------------------------------------------------
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    fields = ("user", "team", "role", "is_current")
+    autocomplete_fields = ("user",)
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ("name", "monthly_budget_usd", "member_monthly_cap_usd", "spent_this_month")
+    search_fields = ("name",)
+    filter_horizontal = ("allowed_models",)
+    inlines = [MembershipInline]
+
+    @admin.display(description="spent this month (USD)")
+    def spent_this_month(self, team: Team) -> str:
+        return f"{teams.spend(team=team).cost_usd:.2f}"
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "user",
+        "team",
+        "model_name",
+        "provider_name",
+        "status",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "cost_usd",
+    )
+    list_filter = ("team", "model_name", "status")
+    search_fields = ("user__username", "model_name")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class UserCreateForm(forms.ModelForm):
+    """No password: the user sets one through the one-time link shown after saving."""
+
+    team = forms.ModelChoiceField(Team.objects.all(), required=False)
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.MEMBER)
+
+    class Meta:
+        model = User
+        fields = ("username", "email", "first_name", "last_name")
+
+    def save(self, commit=True):
+        user = super().save(commit=False)
+        user.set_unusable_password()
+        if commit:
+            user.save()
+        return user
+
+
+class UserActionForm(ActionForm):
+    team = forms.ModelChoiceField(
+        Team.objects.all(), required=False, label="Team (for “move to team”)"
+    )
+
+
+class AccountUserAdmin(UserAdmin):
+    add_form = UserCreateForm
+    add_fieldsets = (
+        (None, {"fields": ("username", "email", "first_name", "last_name", "team", "role")}),
+    )
+    action_form = UserActionForm
+    list_display = ("username", "email", "team_names", "is_active", "is_staff", "last_login")
+    list_filter = ("is_active", "is_staff", "memberships__team")
+    inlines = [MembershipInline]
+    actions = [
+        "new_set_password_link",
+        "deactivate_users",
+        "reactivate_users",
+        "move_to_team",
+    ]
+
+    @admin.display(description="teams")
+    def team_names(self, user) -> str:
+        return ", ".join(m.team.name for m in user.memberships.all())
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("memberships__team")
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else []
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        if not change and form.cleaned_data.get("team"):
+            teams.membership_set(
+                user=obj, team=form.cleaned_data["team"], role=form.cleaned_data["role"]
+            )
+
+    def response_add(self, request, obj, post_url_continue=None):
+        self._announce_link(request, obj)
+        return super().response_add(request, obj, post_url_continue)
+
+    def _announce_link(self, request, user) -> None:
+        link, mailed = accounts.set_password_link_issue(user=user, request=request)
+        hours = settings.PASSWORD_RESET_TIMEOUT // 3600
+        note = f" (also e-mailed to {user.email})" if mailed else ""
+        self.message_user(
+            request,
+            f"One-time set-password link for {user.get_username()}, valid {hours} hours{note}: "
+            f"{link}",
+            messages.WARNING,
+        )
+
+    @admin.action(description="New set-password link")
+    def new_set_password_link(self, request, queryset) -> None:
+        for user in queryset:
+            self._announce_link(request, user)
+
+    @admin.action(description="Deactivate (log out everywhere)")
+    def deactivate_users(self, request, queryset) -> None:
+        users = [u for u in queryset if u.pk != request.user.pk]
+        for user in users:
+            accounts.user_deactivate(user=user)
+        self.message_user(request, f"Deactivated and logged out {len(users)} user(s).")
+
+    @admin.action(description="Reactivate")
+    def reactivate_users(self, request, queryset) -> None:
+        for user in queryset:
+            accounts.user_reactivate(user=user)
+        self.message_user(request, f"Reactivated {queryset.count()} user(s).")
+
+    @admin.action(description="Move to team (choose it below the action)")
+    def move_to_team(self, request, queryset) -> None:
+        form = UserActionForm(request.POST)
+        team = form.fields["team"].clean(request.POST.get("team")) if form else None
+        if team is None:
+            self.message_user(request, "Choose the team to move them to.", messages.ERROR)
+            return
+        for user in queryset:
+            teams.membership_move(user=user, team=team)
+        self.message_user(request, f"Moved {queryset.count()} user(s) to {team.name}.")
+
+
+admin.site.unregister(User)
+admin.site.register(User, AccountUserAdmin)

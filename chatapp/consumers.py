@@ -53,6 +53,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.group = events.conversation_group(self.conversation.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        self.user_group = events.user_group(user.pk)  # deactivation closes every socket
+        await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
         await self.send_state()
 
@@ -60,6 +62,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The reply goes on without us: generation is not tied to the socket.
         if self.conversation is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.channel_layer.group_discard(self.user_group, self.channel_name)
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         try:
@@ -74,6 +77,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.receive_json(content)
         except ClientError as exc:
             await self.send_json({"type": "error", "code": exc.code, "message": exc.message})
+        except Http404:  # access lost while connected (e.g. deactivated)
+            await self.send_json(
+                {"type": "error", "code": "forbidden", "message": "You no longer have access."}
+            )
         except Exception:
             log.exception("websocket frame failed")
             await self.send_json(
@@ -162,3 +169,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def chat_frame(self, event: dict) -> None:
         await self.send(text_data=event["text"])
+
+    async def user_force_close(self, event: dict) -> None:
+        await self.close(code=CLOSE_UNAUTHENTICATED)

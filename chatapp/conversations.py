@@ -6,11 +6,13 @@ Synchronous ORM code; async callers go through database_sync_to_async.
 from django.db import transaction
 from django.http import Http404
 
+from . import teams
 from .model_catalog import models_for_user
 from .models import Conversation, Message, ModelConfig
 from .pricing import cache_savings
 
 TITLE_MAX = 80
+UNSET = object()
 
 
 class ClientError(Exception):
@@ -23,7 +25,13 @@ class ClientError(Exception):
 
 
 def conversation_get_for_user(user, pk) -> Conversation:
-    """The one access rule for a conversation: raises Http404 when the user may not see it."""
+    """The one access rule for a conversation: raises Http404 when the user may not see it.
+
+    Only its owner, while their account is active, may see or use a conversation. Nobody else
+    does through the app: not a member of the same team, not a team admin (they see members'
+    spend and tokens, never their chats), not staff (staff read conversations in the Django
+    admin only). Every view, upload, image, export and socket goes through here.
+    """
     if not user.is_authenticated or not user.is_active:
         raise Http404("No such conversation")
     try:
@@ -43,8 +51,11 @@ def model_get_for_user(user, model_pk) -> ModelConfig:
     raise ClientError("model_unavailable", "That model is not available to you.")
 
 
-def conversation_create(*, owner, model: ModelConfig | None) -> Conversation:
-    return Conversation.objects.create(owner=owner, model=model)
+def conversation_create(*, owner, model: ModelConfig | None, team=UNSET) -> Conversation:
+    """A new conversation, charged to `team` (default: the owner's current team)."""
+    if team is UNSET:
+        team = teams.current_team_for(owner)
+    return Conversation.objects.create(owner=owner, model=model, team=team)
 
 
 def title_from_text(text: str) -> str:

@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from . import context_window, events
+from . import context_window, events, teams
 from .conversations import (
     ClientError,
     history_for_request,
@@ -311,6 +311,7 @@ class Generation:
                     completion_tokens=self.usage.completion_tokens,
                 )
         message.save()
+        teams.usage_record_for_reply(message=message)
         Conversation.objects.filter(pk=self.conversation_id).update(updated_at=timezone.now())
         return message
 
@@ -337,6 +338,7 @@ async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message,
     await database_sync_to_async(context_window.check_send_fits)(
         conversation=conversation, text=text
     )
+    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
     user_message, reply = await database_sync_to_async(turn_start)(
         conversation=conversation, text=text
     )
@@ -357,6 +359,7 @@ async def reply_regenerate(
     await database_sync_to_async(context_window.check_send_fits)(
         conversation=conversation, text="", before_id=reply_id
     )
+    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
     reply = await database_sync_to_async(turn_regenerate)(
         conversation=conversation, reply_id=reply_id
     )

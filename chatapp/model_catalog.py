@@ -9,6 +9,7 @@ import threading
 from django.conf import settings
 from django.db import transaction
 
+from . import teams
 from .models import ModelConfig, Provider
 from .providers.catalog import MOONSHOT_MODELS, WORKERS_AI_MODELS, facts_for, parse_model_list
 
@@ -139,10 +140,12 @@ def reset_catalog_cache() -> None:
 
 
 def models_for_user(user) -> list[ModelConfig]:
-    """The models this user may pick: enabled ones of enabled providers, demo last."""
+    """The models this user may pick: enabled ones of enabled providers that the user's current
+    team may use (teams.restrict_models), demo last."""
     ensure_catalog()
+    available = ModelConfig.objects.filter(enabled=True, provider__enabled=True)
     return list(
-        ModelConfig.objects.filter(enabled=True, provider__enabled=True)
+        teams.restrict_models(available, user)
         .select_related("provider")
         .order_by("sort_order", "display_name")
     )

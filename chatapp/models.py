@@ -1,4 +1,4 @@
-"""Data: providers and their models, conversations and messages.
+"""Data: providers and their models, conversations and messages, teams and usage.
 
 Writes go through the service modules (conversations.py, generation.py), not through save()
 overrides or signals.
@@ -8,6 +8,7 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from .providers.keys import EncryptedTextField
 
@@ -83,9 +84,70 @@ class ModelConfig(models.Model):
         return self.provider.kind == Provider.Kind.DEMO
 
 
+class Team(models.Model):
+    """A group of users sharing a monthly budget and a list of models (chatapp/teams.py)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    monthly_budget_usd = models.DecimalField(
+        "monthly budget (USD)",
+        max_digits=12,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Empty = unlimited.",
+    )
+    member_monthly_cap_usd = models.DecimalField(
+        "per-member monthly cap (USD)",
+        max_digits=12,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Empty = no cap per member.",
+    )
+    allowed_models = models.ManyToManyField(
+        ModelConfig,
+        blank=True,
+        related_name="teams",
+        help_text="The models this team may use. None selected = every enabled model.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        MEMBER = "member", "Member"
+        ADMIN = "admin", "Team admin"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    # The team new conversations are started under (one per user; teams.team_choose keeps it so).
+    is_current = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["team__name"]
+        constraints = [models.UniqueConstraint(fields=["user", "team"], name="unique_membership")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.get_role_display()})"
+
+
 class Conversation(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    # The team it was started under; its replies are charged to it. Null = no team (no limits).
+    team = models.ForeignKey(
+        Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
     model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
@@ -150,3 +212,40 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk}"
+
+
+class UsageRecord(models.Model):
+    """One per reply that reached a terminal state; kept when the reply or chat is deleted."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="usage"
+    )
+    team = models.ForeignKey(
+        Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    message = models.OneToOneField(
+        Message, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
+    # Names as they were, so the report survives renames and deletions.
+    model_name = models.CharField(max_length=200, blank=True)
+    provider_name = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=16, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["team", "created_at"]),
+            models.Index(fields=["user", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.model_name} ${self.cost_usd}"

@@ -2,14 +2,32 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import views
+from . import account_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("c/<int:pk>/", views.conversation_page, name="conversation"),
     path("api/conversations/", views.conversation_new, name="conversation-new"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", account_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "set-password/<uidb64>/<token>/",
+        account_views.SetPasswordView.as_view(),
+        name="set-password",
+    ),
+    path(
+        "set-password/done/", account_views.SetPasswordDoneView.as_view(), name="set-password-done"
+    ),
+    path("settings/", account_views.settings_page, name="settings"),
+    path("settings/team/", account_views.settings_team, name="settings-team"),
+    path("team/", account_views.team_page, name="team"),
+    path(
+        "team/members/<int:user_id>/active/",
+        account_views.team_member_active,
+        name="team-member-active",
+    ),
+    path("usage/", account_views.usage_report, name="usage"),
+    path("usage.csv", account_views.usage_csv, name="usage-csv"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
 ]

@@ -1,4 +1,4 @@
-"""`manage.py start`: migrate, collect static files, seed providers, make sure an administrator
+"""`manage.py start`: migrate, make the cache table, collect static files, seed providers, make sure an administrator
 exists, then serve with daphne. The README's first command ends with it."""
 
 import os
@@ -23,6 +23,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, host: str, port: int, no_serve: bool, **options):
         call_command("migrate", interactive=False, verbosity=0)
+        call_command("createcachetable", verbosity=0)  # the DB cache (when REDIS_URL is unset)
         call_command("collectstatic", interactive=False, verbosity=0)
         catalog_sync()
         self.ensure_admin()

@@ -1,0 +1,136 @@
+"""HTTP transport for accounts and teams: settings page, team page, staff usage report, log-in
+and set-password pages. Thin: the rules live in teams.py, accounts.py and usage.py.
+
+Statuses: anonymous users are redirected to the log-in page (302); a logged-in user without the
+right role gets 403 for a page and 404 for a member they may not manage.
+"""
+
+from functools import wraps
+
+from django.contrib import messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse_lazy
+from django.views.decorators.http import require_GET, require_POST
+
+from . import accounts, teams, usage
+from .models import Membership, Team
+
+
+def staff_required(view):
+    @wraps(view)
+    @login_required
+    def wrapped(request, *args, **kwargs):
+        if not request.user.is_staff:
+            raise PermissionDenied("Staff only")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+class LoginView(auth_views.LoginView):
+    form_class = accounts.ThrottledAuthenticationForm
+    redirect_authenticated_user = True
+
+
+class SetPasswordView(auth_views.PasswordResetConfirmView):
+    template_name = "registration/set_password.html"
+    success_url = reverse_lazy("set-password-done")
+
+
+class SetPasswordDoneView(auth_views.PasswordResetCompleteView):
+    template_name = "registration/set_password_done.html"
+
+
+@login_required
+@require_GET
+def settings_page(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    memberships = teams.memberships_for(user)
+    current = teams.current_membership(user)
+    start, end = teams.month_bounds()
+    context = {
+        "memberships": memberships,
+        "current": current,
+        "month_label": start.strftime("%B %Y"),
+        "total": teams.spend(user=user),
+        "by_team": [(m.team, teams.spend(user=user, team=m.team)) for m in memberships],
+        "is_team_admin": any(m.role == Membership.Role.ADMIN for m in memberships),
+    }
+    return render(request, "chatapp/settings.html", context)
+
+
+@login_required
+@require_POST
+def settings_team(request: HttpRequest) -> HttpResponse:
+    try:
+        team = Team.objects.get(pk=request.POST.get("team"), memberships__user=request.user)
+    except (Team.DoesNotExist, ValueError, TypeError):
+        raise Http404("Not a team of yours") from None
+    teams.team_choose(user=request.user, team=team)
+    messages.success(request, f"New chats are now charged to {team.name}.")
+    return redirect("settings")
+
+
+@login_required
+@require_GET
+def team_page(request: HttpRequest) -> HttpResponse:
+    administered = teams.teams_administered_by(request.user)
+    if not administered:
+        raise PermissionDenied("Team admins only")
+    summaries = [teams.team_summary(team) for team in administered]
+    admin = request.user
+    for summary in summaries:
+        for row in summary["members"]:
+            member = row["user"]
+            row["manageable"] = member.pk != admin.pk and (
+                admin.is_staff or not (member.is_staff or member.is_superuser)
+            )
+    start, _ = teams.month_bounds()
+    return render(
+        request,
+        "chatapp/team.html",
+        {"summaries": summaries, "month_label": start.strftime("%B %Y")},
+    )
+
+
+@login_required
+@require_POST
+def team_member_active(request: HttpRequest, user_id: int) -> HttpResponse:
+    """Deactivate (active=0) or reactivate (active=1) a member of a team the requester runs."""
+    admin = request.user
+    if not teams.teams_administered_by(admin):
+        raise PermissionDenied("Team admins only")
+    manageable = get_user_model().objects.filter(teams.users_in_teams_of(admin)).distinct()
+    if not admin.is_staff:
+        manageable = manageable.filter(is_staff=False, is_superuser=False)
+    member = manageable.exclude(pk=admin.pk).filter(pk=user_id).first()
+    if member is None:
+        raise Http404("Not a member you manage")
+    if request.POST.get("active") == "1":
+        accounts.user_reactivate(user=member)
+        messages.success(request, f"{member.get_username()} can log in again.")
+    else:
+        accounts.user_deactivate(user=member)
+        messages.success(request, f"{member.get_username()} was deactivated and logged out.")
+    return redirect("team")
+
+
+@staff_required
+@require_GET
+def usage_report(request: HttpRequest) -> HttpResponse:
+    report = usage.usage_report(month=teams.parse_month(request.GET.get("month")))
+    return render(request, "chatapp/usage.html", {"report": report})
+
+
+@staff_required
+@require_GET
+def usage_csv(request: HttpRequest) -> HttpResponse:
+    report = usage.usage_report(month=teams.parse_month(request.GET.get("month")))
+    response = HttpResponse(usage.csv_text(report), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="usage-{report["month"]}.csv"'
+    return response

@@ -1,0 +1,177 @@
+"""Accounts: log-in throttling, set-password links, deactivation and reactivation.
+
+- Log-in guessing: failed attempts are counted per account and per client IP in the cache
+  (shared by every process: Redis or the database). Past the limit the account (or IP) is locked
+  for LOGIN_LOCK_SECONDS; the lock expires by itself. A locked account is refused before the
+  password is checked. The IP is REMOTE_ADDR (the proxy must set it).
+- There is no sign-up: staff create a user without a password and hand over a one-time
+  set-password link (Django's token generator: single use because it hashes the password, and
+  it expires after PASSWORD_RESET_TIMEOUT). It is e-mailed too when EMAIL_HOST is set.
+- Deactivating a user ends every session, closes their open websockets (through events.py) and
+  refuses new log-ins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+from asgiref.sync import async_to_sync
+from django import forms
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.tokens import default_token_generator
+from django.contrib.sessions.models import Session
+from django.core.cache import cache
+from django.core.mail import send_mail
+from django.db import transaction
+from django.urls import reverse
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
+
+from . import events, teams
+
+log = logging.getLogger(__name__)
+
+
+# ---- log-in throttling ----------------------------------------------------------------------
+
+
+def _key(kind: str, value: str) -> str:
+    digest = hashlib.sha256(value.strip().lower().encode()).hexdigest()[:32]
+    return f"login:{kind}:{digest}"
+
+
+def _limits(*, username: str, ip: str) -> list[tuple[str, int, str]]:
+    return [
+        (_key("account", username), settings.LOGIN_MAX_FAILURES_PER_ACCOUNT, "this account"),
+        (_key("ip", ip or "unknown"), settings.LOGIN_MAX_FAILURES_PER_IP, "your network address"),
+    ]
+
+
+def login_lock_message(*, username: str, ip: str) -> str | None:
+    """Why a log-in is refused right now, or None when it may be tried."""
+    moment = teams.now().timestamp()
+    for key, _, what in _limits(username=username, ip=ip):
+        until = cache.get(f"{key}:lock")
+        if until and until > moment:
+            minutes = max(1, math.ceil((until - moment) / 60))
+            unit = "minute" if minutes == 1 else "minutes"
+            return (
+                f"Too many failed log-ins for {what}. "
+                f"For your security, try again in {minutes} {unit}."
+            )
+    return None
+
+
+def login_failed(*, username: str, ip: str) -> None:
+    lock = settings.LOGIN_LOCK_SECONDS
+    moment = teams.now().timestamp()
+    for key, limit, _ in _limits(username=username, ip=ip):
+        cache.add(f"{key}:fails", 0, timeout=lock)
+        try:
+            failures = cache.incr(f"{key}:fails")
+        except ValueError:  # expired in between
+            cache.set(f"{key}:fails", 1, timeout=lock)
+            failures = 1
+        if failures >= limit:
+            cache.set(f"{key}:lock", moment + lock, timeout=lock)
+            cache.delete(f"{key}:fails")  # after the lock, a fresh set of attempts
+
+
+def login_succeeded(*, username: str) -> None:
+    cache.delete(f"{_key('account', username)}:fails")
+
+
+def client_ip(request) -> str:
+    return request.META.get("REMOTE_ADDR", "") if request is not None else ""
+
+
+class ThrottledAuthenticationForm(AuthenticationForm):
+    """Django's log-in form behind the per-account and per-IP locks."""
+
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "inactive": "This account has been deactivated. Ask your administrator.",
+    }
+
+    def clean(self):
+        username = self.cleaned_data.get("username") or ""
+        ip = client_ip(self.request)
+        refused = login_lock_message(username=username, ip=ip)
+        if refused:
+            raise forms.ValidationError(refused, code="locked")
+        try:
+            cleaned = super().clean()
+        except forms.ValidationError:
+            self._refuse_if_deactivated(username)
+            login_failed(username=username, ip=ip)
+            raise
+        login_succeeded(username=username)
+        return cleaned
+
+    def _refuse_if_deactivated(self, username: str) -> None:
+        # The backend answers "wrong password" for inactive users; with the right password, say why.
+        user = get_user_model().objects.filter(username=username, is_active=False).first()
+        if user is not None and user.check_password(self.cleaned_data.get("password") or ""):
+            raise forms.ValidationError(self.error_messages["inactive"], code="inactive")
+
+
+# ---- set-password links ---------------------------------------------------------------------
+
+
+def set_password_link(*, user, request) -> str:
+    uid = urlsafe_base64_encode(force_bytes(user.pk))
+    token = default_token_generator.make_token(user)
+    return request.build_absolute_uri(reverse("set-password", args=[uid, token]))
+
+
+def set_password_link_issue(*, user, request) -> tuple[str, bool]:
+    """A fresh one-time link for the user; e-mailed when mail is configured. -> (link, mailed)"""
+    link = set_password_link(user=user, request=request)
+    mailed = False
+    if settings.EMAIL_HOST and user.email:
+        hours = settings.PASSWORD_RESET_TIMEOUT // 3600
+        try:
+            send_mail(
+                "Set your Kimi Chat password",
+                f"Hello {user.get_username()},\n\nSet your password here (the link works once, "
+                f"for {hours} hours):\n\n{link}\n",
+                settings.DEFAULT_FROM_EMAIL,
+                [user.email],
+            )
+            mailed = True
+        except OSError:
+            log.exception("could not e-mail the set-password link to user %s", user.pk)
+    return link, mailed
+
+
+# ---- deactivation ---------------------------------------------------------------------------
+
+
+def sessions_delete_for(*, user) -> int:
+    """End every database session of the user (scans live sessions: fine for team sizes)."""
+    doomed = [
+        session.pk
+        for session in Session.objects.filter(expire_date__gt=teams.now()).iterator()
+        if str(session.get_decoded().get("_auth_user_id")) == str(user.pk)
+    ]
+    Session.objects.filter(pk__in=doomed).delete()
+    return len(doomed)
+
+
+@transaction.atomic
+def user_deactivate(*, user) -> None:
+    """Log the user out everywhere and refuse new log-ins."""
+    get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+    user.is_active = False
+    sessions_delete_for(user=user)
+    user_id = user.pk
+    transaction.on_commit(lambda: async_to_sync(events.user_sockets_close)(user_id))
+
+
+def user_reactivate(*, user) -> None:
+    get_user_model().objects.filter(pk=user.pk).update(is_active=True)
+    user.is_active = True
