@@ -4,6 +4,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
 from django.test import Client
 
 from chatapp import generation
@@ -15,7 +16,7 @@ ORIGIN = (b"origin", b"http://127.0.0.1")
 
 
 @pytest.fixture(autouse=True)
-def _test_settings(settings):
+def _test_settings(settings, request):
     # Plain storage: tests do not need collectstatic's hashed manifest.
     settings.STORAGES = {
         **settings.STORAGES,
@@ -30,6 +31,10 @@ def _test_settings(settings):
     settings.OPENAI_COMPAT_MODELS = []
     reset_catalog_cache()
     channel_layers.backends.clear()  # a fresh in-memory layer per test
+    if request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
+        request.fixturenames
+    ):
+        cache.clear()  # login throttling and rate limits count in the (database) cache
     yield
     for running in list(generation.RUNNING.values()):
         if running.task:
