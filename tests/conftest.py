@@ -22,6 +22,8 @@ def _test_settings(settings, request):
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
+    # The production hasher is slow on purpose; tests create many users.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.STREAM_CHECKPOINT_INTERVAL = 0.05
     settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
     settings.UPSTREAM_STALL_TIMEOUT = 5.0

@@ -1,0 +1,246 @@
+"""Who may do what: every URL and websocket action x every kind of visitor, exact statuses.
+
+The rule (conversations.conversation_get_for_user): only the owner, while active, sees or uses
+a conversation; same-team members, team admins and staff get 404 / close 4403 like strangers.
+
+To cover a new URL, add one Case to URL_CASES: the method, a function building the path from the
+`world` (and optionally the POST data), and the expected result for each role: a status code, or
+(status, start of the Location header) for redirects.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django.urls import get_resolver
+
+from chatapp import accounts
+from chatapp.models import Message
+from tests.conftest import open_socket, receive_until
+from tests.factories import conversation_create, team_create, user_create
+
+ROLES = ("owner", "member", "other_team", "team_admin", "staff", "anonymous", "deactivated")
+LOGIN = (302, "/login/")
+ADMIN_LOGIN = (302, "/admin/login/")
+
+
+def build_world() -> dict:
+    owner = user_create(username="owner")
+    member = user_create(username="member")
+    team_admin = user_create(username="teamadmin")
+    other = user_create(username="other")
+    staff = user_create(username="staff", is_staff=True, is_superuser=True)
+    deactivated = user_create(username="gone")
+    team = team_create(name="A", members=[owner, member, deactivated], admins=[team_admin])
+    other_team = team_create(name="B", members=[other])
+    conversation = conversation_create(owner=owner, team=team)
+    Message.objects.create(conversation=conversation, role="user", content="private question")
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", content="private answer"
+    )
+    get_user_model().objects.filter(pk=deactivated.pk).update(is_active=False)
+    return {
+        "users": {
+            "owner": owner,
+            "member": member,
+            "other_team": other,
+            "team_admin": team_admin,
+            "staff": staff,
+            "anonymous": None,
+            "deactivated": deactivated,
+        },
+        "team": team,
+        "other_team": other_team,
+        "conversation": conversation,
+        "reply": reply,
+    }
+
+
+def client_for(world: dict, role: str) -> Client:
+    client = Client()
+    user = world["users"][role]
+    if user is not None:
+        # The deactivated user keeps a session from before (deactivation ends them, but a
+        # leftover one must not work either).
+        client.force_login(user, backend="django.contrib.auth.backends.ModelBackend")
+    return client
+
+
+@dataclass
+class Case:
+    method: str
+    path: Callable[[dict], str]
+    expect: dict
+    data: Callable[[dict], dict] = field(default=lambda world: {})
+    # The route this case covers (for the completeness check below).
+    route: str = ""
+
+
+def every(status, *, anonymous=LOGIN, deactivated=LOGIN) -> dict:
+    expect = {role: status for role in ROLES}
+    expect.update(anonymous=anonymous, deactivated=deactivated)
+    return expect
+
+
+def only(allowed: dict, *, others, anonymous=LOGIN, deactivated=LOGIN) -> dict:
+    expect = {role: others for role in ROLES}
+    expect.update(allowed, anonymous=anonymous, deactivated=deactivated)
+    return expect
+
+
+URL_CASES = {
+    "home": Case("get", lambda w: "/", every(200), route=""),
+    "conversation": Case(
+        "get",
+        lambda w: f"/c/{w['conversation'].pk}/",
+        only({"owner": 200}, others=404),
+        route="c/<int:pk>/",
+    ),
+    "conversation-new": Case(
+        "post", lambda w: "/api/conversations/", every(201), route="api/conversations/"
+    ),
+    "login-page": Case(
+        "get",
+        lambda w: "/login/",
+        every((302, "/"), anonymous=200, deactivated=200),
+        route="login/",
+    ),
+    "logout": Case("post", lambda w: "/logout/", every(LOGIN), route="logout/"),
+    "set-password": Case(
+        "get",
+        lambda w: w["set_password_link"],
+        every(
+            (302, "/set-password/"),
+            anonymous=(302, "/set-password/"),
+            deactivated=(302, "/set-password/"),
+        ),
+        route="set-password/<uidb64>/<token>/",
+    ),
+    "set-password-done": Case(
+        "get",
+        lambda w: "/set-password/done/",
+        every(200, anonymous=200, deactivated=200),
+        route="set-password/done/",
+    ),
+    "settings": Case("get", lambda w: "/settings/", every(200), route="settings/"),
+    "settings-team": Case(
+        "post",
+        lambda w: "/settings/team/",
+        only(
+            {
+                "owner": (302, "/settings/"),
+                "member": (302, "/settings/"),
+                "team_admin": (302, "/settings/"),
+            },
+            others=404,
+        ),
+        data=lambda w: {"team": w["team"].pk},
+        route="settings/team/",
+    ),
+    "team": Case(
+        "get",
+        lambda w: "/team/",
+        only({"team_admin": 200, "staff": 200}, others=403),
+        route="team/",
+    ),
+    "team-member-active": Case(
+        "post",
+        lambda w: f"/team/members/{w['users']['owner'].pk}/active/",
+        only({"team_admin": (302, "/team/"), "staff": (302, "/team/")}, others=403),
+        data=lambda w: {"active": "0"},
+        route="team/members/<int:user_id>/active/",
+    ),
+    "usage": Case("get", lambda w: "/usage/", only({"staff": 200}, others=403), route="usage/"),
+    "usage-csv": Case(
+        "get", lambda w: "/usage.csv", only({"staff": 200}, others=403), route="usage.csv"
+    ),
+    "healthz": Case(
+        "get", lambda w: "/healthz", every(200, anonymous=200, deactivated=200), route="healthz"
+    ),
+    "admin": Case(
+        "get",
+        lambda w: "/admin/",
+        only({"staff": 200}, others=ADMIN_LOGIN, anonymous=ADMIN_LOGIN, deactivated=ADMIN_LOGIN),
+        route="admin/",
+    ),
+    "admin-conversation": Case(
+        "get",
+        lambda w: f"/admin/chatapp/conversation/{w['conversation'].pk}/change/",
+        only({"staff": 200}, others=ADMIN_LOGIN, anonymous=ADMIN_LOGIN, deactivated=ADMIN_LOGIN),
+        route="admin/",
+    ),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", sorted(URL_CASES))
+def test_url_access(name, role, rf):
+    world = build_world()
+    newcomer = user_create(username="newcomer", password=None)  # has never logged in
+    world["set_password_link"] = accounts.set_password_link(
+        user=newcomer, request=rf.get("/")
+    ).removeprefix("http://testserver")
+    case = URL_CASES[name]
+    client = client_for(world, role)
+    response = getattr(client, case.method)(case.path(world), case.data(world))
+    expected = case.expect[role]
+    status, location = expected if isinstance(expected, tuple) else (expected, None)
+    assert response.status_code == status, f"{name} as {role}"
+    if location is not None:
+        assert response["Location"].startswith(location), f"{name} as {role}"
+    if role != "owner" and response.status_code == 200:
+        assert "private answer" not in response.content.decode() or role == "staff"
+
+
+def test_every_route_is_in_the_matrix():
+    """A URL added to urls.py without a row in URL_CASES fails here."""
+    covered = {case.route for case in URL_CASES.values()}
+    routes = {str(pattern.pattern) for pattern in get_resolver().url_patterns}
+    assert routes - covered == set()
+
+
+# ---- websockets -----------------------------------------------------------------------------
+
+CONNECT = {
+    "owner": "accepted",
+    "member": 4403,
+    "other_team": 4403,
+    "team_admin": 4403,
+    "staff": 4403,
+    "anonymous": 4401,
+    "deactivated": 4401,
+}
+
+# What the owner gets for each client action; everyone else never gets a socket to act on.
+ACTIONS = {
+    "send": (lambda w: {"type": "send", "text": "hello"}, "message"),
+    "stop": (lambda w: {"type": "stop"}, "error"),
+    "state": (lambda w: {"type": "state"}, "state"),
+    "regenerate": (lambda w: {"type": "regenerate", "message_id": w["reply"].pk}, "reply.replaced"),
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+async def test_websocket_access(action, role):
+    world = await database_sync_to_async(build_world)()
+    user = world["users"][role]
+    # The deactivated user presents a session made for them: it must not work.
+    connected, code, ws = await open_socket(user, world["conversation"].pk)
+    if CONNECT[role] != "accepted":
+        assert not connected and code == CONNECT[role]
+        return
+    assert connected
+    assert (await ws.receive_json_from())["type"] == "state"
+    frame, expected = ACTIONS[action]
+    await ws.send_json_to(frame(world))
+    frames = await receive_until(ws, expected)
+    assert frames[-1]["type"] == expected
+    if action in ("send", "regenerate"):
+        await receive_until(ws, "reply.end")
+    await ws.disconnect()
