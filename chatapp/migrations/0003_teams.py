@@ -7,68 +7,192 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chatapp', '0002_providers'),
+        ("chatapp", "0002_providers"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Team',
+            name="Team",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('monthly_budget_usd', models.DecimalField(blank=True, decimal_places=2, help_text='Empty = unlimited.', max_digits=12, null=True, verbose_name='monthly budget (USD)')),
-                ('member_monthly_cap_usd', models.DecimalField(blank=True, decimal_places=2, help_text='Empty = no cap per member.', max_digits=12, null=True, verbose_name='per-member monthly cap (USD)')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('allowed_models', models.ManyToManyField(blank=True, help_text='The models this team may use. None selected = every enabled model.', related_name='teams', to='chatapp.modelconfig')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                (
+                    "monthly_budget_usd",
+                    models.DecimalField(
+                        blank=True,
+                        decimal_places=2,
+                        help_text="Empty = unlimited.",
+                        max_digits=12,
+                        null=True,
+                        verbose_name="monthly budget (USD)",
+                    ),
+                ),
+                (
+                    "member_monthly_cap_usd",
+                    models.DecimalField(
+                        blank=True,
+                        decimal_places=2,
+                        help_text="Empty = no cap per member.",
+                        max_digits=12,
+                        null=True,
+                        verbose_name="per-member monthly cap (USD)",
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "allowed_models",
+                    models.ManyToManyField(
+                        blank=True,
+                        help_text="The models this team may use. None selected = every enabled model.",
+                        related_name="teams",
+                        to="chatapp.modelconfig",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.AddField(
-            model_name='conversation',
-            name='team',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='conversations', to='chatapp.team'),
+            model_name="conversation",
+            name="team",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="conversations",
+                to="chatapp.team",
+            ),
         ),
         migrations.CreateModel(
-            name='Membership',
+            name="Membership",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('role', models.CharField(choices=[('member', 'Member'), ('admin', 'Team admin')], default='member', max_length=16)),
-                ('is_current', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to=settings.AUTH_USER_MODEL)),
-                ('team', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to='chatapp.team')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("member", "Member"), ("admin", "Team admin")],
+                        default="member",
+                        max_length=16,
+                    ),
+                ),
+                ("is_current", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "team",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to="chatapp.team",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['team__name'],
-                'constraints': [models.UniqueConstraint(fields=('user', 'team'), name='unique_membership')],
+                "ordering": ["team__name"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("user", "team"), name="unique_membership")
+                ],
             },
         ),
         migrations.CreateModel(
-            name='UsageRecord',
+            name="UsageRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('model_name', models.CharField(blank=True, max_length=200)),
-                ('provider_name', models.CharField(blank=True, max_length=100)),
-                ('status', models.CharField(blank=True, max_length=16)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('cached_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('cost_usd', models.DecimalField(decimal_places=6, default=0, max_digits=12)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('conversation', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to='chatapp.conversation')),
-                ('message', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to='chatapp.message')),
-                ('model', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to='chatapp.modelconfig')),
-                ('team', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to='chatapp.team')),
-                ('user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("model_name", models.CharField(blank=True, max_length=200)),
+                ("provider_name", models.CharField(blank=True, max_length=100)),
+                ("status", models.CharField(blank=True, max_length=16)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("cached_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("cost_usd", models.DecimalField(decimal_places=6, default=0, max_digits=12)),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                (
+                    "conversation",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage",
+                        to="chatapp.conversation",
+                    ),
+                ),
+                (
+                    "message",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage",
+                        to="chatapp.message",
+                    ),
+                ),
+                (
+                    "model",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to="chatapp.modelconfig",
+                    ),
+                ),
+                (
+                    "team",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage",
+                        to="chatapp.team",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="usage",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
-                'indexes': [models.Index(fields=['team', 'created_at'], name='chatapp_usa_team_id_a397e4_idx'), models.Index(fields=['user', 'created_at'], name='chatapp_usa_user_id_6c9437_idx')],
+                "ordering": ["-created_at", "-id"],
+                "indexes": [
+                    models.Index(
+                        fields=["team", "created_at"], name="chatapp_usa_team_id_a397e4_idx"
+                    ),
+                    models.Index(
+                        fields=["user", "created_at"], name="chatapp_usa_user_id_6c9437_idx"
+                    ),
+                ],
             },
         ),
     ]
