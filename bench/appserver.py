@@ -1,0 +1,63 @@
+"""Run the app as a real daphne process, with a database statement counter for the benchmark.
+
+`python -m bench.appserver PORT COUNTS_FILE` serves chatapp.asgi:application with daphne's own
+command line. Every SQL statement any connection runs goes through a Django execute wrapper that
+counts it (total, and INSERT/UPDATE/DELETE as writes); on SIGUSR1 the counts are written to
+COUNTS_FILE as JSON. The app itself is unchanged: this is how `manage.py start` serves it, plus
+one counter per statement.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from django.db.backends.signals import connection_created
+
+from bench.util import raise_fd_limit
+
+COUNTS = {"statements": 0, "writes": 0}
+_lock = threading.Lock()
+WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+def count_statement(execute, sql, params, many, context):
+    head = sql.lstrip()[:6].upper()
+    with _lock:
+        COUNTS["statements"] += 1
+        if head in WRITES:
+            COUNTS["writes"] += 1
+    return execute(sql, params, many, context)
+
+
+def _on_connection(sender, connection, **kwargs) -> None:
+    # The wrapper object outlives reconnections (CONN_MAX_AGE=0): add the counter once.
+    if count_statement not in connection.execute_wrappers:
+        connection.execute_wrappers.append(count_statement)
+
+
+def main() -> None:
+    port, counts_file = sys.argv[1], sys.argv[2]
+    raise_fd_limit()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    connection_created.connect(_on_connection)
+
+    def dump(signum, frame) -> None:
+        with _lock:
+            data = json.dumps(COUNTS)
+        tmp = counts_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(data)
+        os.replace(tmp, counts_file)
+
+    signal.signal(signal.SIGUSR1, dump)
+    from daphne.cli import CommandLineInterface
+
+    CommandLineInterface().run(
+        ["-b", "127.0.0.1", "-p", port, "--verbosity", "0", "chatapp.asgi:application"]
+    )
+
+
+if __name__ == "__main__":
+    main()

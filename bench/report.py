@@ -1,0 +1,171 @@
+"""Turn a benchmark run into files: one JSON per shape, a Markdown table and a PNG plot.
+
+Every app figure stands beside the baseline's from the same run and level, with the ratio.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(value, digits=1, unit="") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def round_line(r: dict) -> str:
+    lat = r["latency_ms"]
+    return (
+        f"{r['shape']:>10} C={r['concurrency']:<5} lost={r['tokens_lost']} dup={r['tokens_duplicated']} "
+        f"ooo={r['tokens_out_of_order']} p50={_f(lat['p50'])} p99={_f(lat['p99'])} max={_f(lat['max'])} ms "
+        f"cpu/1k={_f(r['cpu_per_1k_tokens'], 3)} s frames/reply={_f(r['frames_per_reply'])} "
+        f"writes/reply={_f(r['db_writes_per_reply'])} stmts/reply={_f(r['db_statements_per_reply'])}"
+    )
+
+
+def _ratio(a, b, digits=2) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.{digits}f}×"
+
+
+def table(results: dict) -> str:
+    rounds = results["rounds"]
+    base = {r["concurrency"]: r for r in rounds if r["shape"] == "baseline"}
+    p = results["params"]
+    lines = [
+        f"Run {results['date']} on {results['machine']['cpus']} CPUs "
+        f"(load average {results['machine']['load_avg_start'][0]:.1f} at start); "
+        f"R = {p['rate']:g} tokens/s per stream, T = {p['tokens']} tokens, upstream TTFT {p['ttft']:g} s"
+        + (f"; app environment {' '.join(p['app_env'])}" if p.get("app_env") else "")
+        + ".",
+        "",
+        "| C | shape | lost / dup / out of order | added latency p50 / p95 / p99 / max (ms) | p99 vs baseline | TTFT over upstream p50 / p99 (ms) | CPU s per 1k tokens | vs baseline | peak RSS (MB) | RSS per socket (KB) | frames per reply | DB writes / statements per reply |",
+        "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in sorted(rounds, key=lambda r: (r["concurrency"], r["shape"] != "baseline", r["shape"])):
+        lat, ttft = r["latency_ms"], r["ttft_over_ms"]
+        b = base.get(r["concurrency"])
+        if r["shape"] == "baseline" or b is None:
+            vs_p99 = vs_cpu = "–"
+        else:
+            diff = (lat["p99"] or 0) - (b["latency_ms"]["p99"] or 0)
+            vs_p99 = f"{diff:+.1f} ms ({_ratio(lat['p99'], b['latency_ms']['p99'], 1)})"
+            vs_cpu = _ratio(r["cpu_per_1k_tokens"], b["cpu_per_1k_tokens"])
+        db = (
+            "–"
+            if r["shape"] == "baseline"
+            else f"{r['db_writes_per_reply']:.1f} / {r['db_statements_per_reply']:.1f}"
+        )
+        lines.append(
+            f"| {r['concurrency']} | {r['shape']} | {r['tokens_lost']} / {r['tokens_duplicated']} / "
+            f"{r['tokens_out_of_order']} | {_f(lat['p50'])} / {_f(lat['p95'])} / {_f(lat['p99'])} / "
+            f"{_f(lat['max'])} | {vs_p99} | {_f(ttft['p50'])} / {_f(ttft['p99'])} | "
+            f"{_f(r['cpu_per_1k_tokens'], 3)} | {vs_cpu} | {_f(r['peak_rss_mb'])} | "
+            f"{_f(r['rss_per_socket_kb'])} | {_f(r['frames_per_reply'])} | {db} |"
+        )
+    errors = [f"{r['shape']} C={r['concurrency']}: {r['errors']}" for r in rounds if r["errors"]]
+    if errors:
+        lines += ["", "Errors seen by clients: " + "; ".join(errors)]
+    probe = results.get("history_probe")
+    if probe:
+        lines += [
+            "",
+            "| history probe | statements for one send + reply, 2 earlier messages | with 500 earlier messages (+ images) |",
+            "| --- | ---: | ---: |",
+        ]
+        for name, p in probe.items():
+            lines.append(
+                f"| {name} | {p['probe_small']['statements']:.0f} | "
+                f"{p['probe_large']['statements']:.0f} ({p['large_messages']} messages, "
+                f"{p['large_images']} images) |"
+            )
+    images = results.get("images")
+    if images:
+        lines += [
+            "",
+            "| image (one core) | input | ms (median of 3) | output bytes | parts |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for i in images:
+            lines.append(
+                f"| {i['image']} | {i['input_bytes']:,} | {i['ms_median']:.0f} | "
+                f"{i['output_bytes']:,} | {i['parts']} |"
+            )
+    pg = results.get("page")
+    if pg:
+        lines += [
+            "",
+            f"Chat page, first load: {pg['requests']} requests, {pg['transferred_bytes'] / 1024:.1f} KB "
+            f"transferred ({pg['body_bytes'] / 1024:.1f} KB compressed bodies + headers); lazy, not "
+            f"counted: {', '.join(pg['lazy']) or 'none'}. Method: {pg['method']}.",
+        ]
+    if results.get("notes"):
+        lines += ["", "Notes: " + " ".join(results["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        results["notes"].append("No plot: matplotlib is not installed (pip install -e '.[bench]').")
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for shape in sorted({r["shape"] for r in results["rounds"]}):
+        rows = sorted(
+            (r for r in results["rounds"] if r["shape"] == shape), key=lambda r: r["concurrency"]
+        )
+        cs = [r["concurrency"] for r in rows]
+        ax1.plot(cs, [r["latency_ms"]["p99"] for r in rows], marker="o", label=shape)
+        ax2.plot(cs, [r["cpu_per_1k_tokens"] for r in rows], marker="o", label=shape)
+    ax1.set(
+        xscale="log", yscale="log", xlabel="concurrent streams", ylabel="p99 added latency (ms)"
+    )
+    ax2.set(xscale="log", xlabel="concurrent streams", ylabel="server CPU s per 1,000 tokens")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    p = results["params"]
+    fig.suptitle(f"Relay benchmark {results['date']} (R={p['rate']:g} tok/s, T={p['tokens']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict, out: Path, *, shapes: list[str]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = results["date"][:16].replace(":", "")
+    png = out / f"{stamp}-plot.png"
+    if plot(results, png):
+        results["plot"] = str(png)
+    md = table(results)
+    common = {k: v for k, v in results.items() if k != "rounds"}
+    files = []
+    for shape in shapes:
+        path = out / f"{stamp}-{shape}.json"
+        data = {
+            **common,
+            "shape": shape,
+            "rounds": [r for r in results["rounds"] if r["shape"] == shape],
+        }
+        path.write_text(json.dumps(data, indent=2))
+        files.append(str(path))
+    (out / f"{stamp}-table.md").write_text(md)
+    (out / "latest.md").write_text(md)
+    results["files"] = files + [str(out / f"{stamp}-table.md")]
+    results["table"] = md
+    print(md)
+    print(
+        "wrote",
+        ", ".join(results["files"] + ([results["plot"]] if "plot" in results else [])),
+        file=sys.stderr,
+    )
+    return results

@@ -1,0 +1,441 @@
+"""The benchmark orchestrator: `python -m bench` (or `make bench`).
+
+Starts the fake upstream, the bare baseline relay, the app's embedded default (one daphne,
+SQLite, in-memory layer) and its production shape (two daphne, PostgreSQL, Redis), each as its
+own process; then for every concurrency level runs the same load against each shape in turn
+(interleaved, so drift on a shared machine hits them alike), reading each server's CPU, memory
+and database statement counts around the round. A shape stops at the first level whose p99
+passes 1 s or that loses tokens. Then the history probe (queries per send for a short and a
+500-message conversation), the image pipeline and the page weight. Writes
+bench/results/<date>-<shape>.json, a Markdown table and a PNG plot.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import page, report
+from bench.util import cpu_seconds, memory_kb
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SHAPES = ("baseline", "embedded", "production")
+
+
+@dataclass
+class Shape:
+    name: str
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    counts_files: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    seed: dict = field(default_factory=dict)
+    cookie: str = ""
+    active: bool = True
+    next_conversation: int = 0
+    note: str = ""
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def take(self, n: int) -> list[int]:
+        if self.name == "baseline":
+            return list(range(1, n + 1))
+        ids = self.seed["conversations"][self.next_conversation : self.next_conversation + n]
+        self.next_conversation += n
+        return ids
+
+    def counts(self) -> dict:
+        """Database statements so far, summed over the shape's processes (0 for the baseline)."""
+        total = {"statements": 0, "writes": 0}
+        if not self.counts_files:
+            return total
+        for proc, path in zip(self.procs, self.counts_files, strict=True):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: no statement counts from pid {proc.pid}")
+                time.sleep(0.02)
+            with open(path) as f:
+                data = json.load(f)
+            for key in total:
+                total[key] += data[key]
+        return total
+
+
+def log(*parts) -> None:
+    print("[bench]", *parts, file=sys.stderr, flush=True)
+
+
+def start_printing_port(argv: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, int]:
+    """Start a helper that prints its port as its first line."""
+    with open(log_path, "ab") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        raise RuntimeError(f"{argv}: did not start (see {log_path})")
+    return proc, int(line)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the app on port {port} did not answer in {timeout} s")
+
+
+def prepare_postgres(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    admin = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def prepare_redis(url: str) -> None:
+    import redis
+
+    # The pub/sub channel layer keeps no keys: only check that the server answers.
+    redis.Redis.from_url(url).ping()
+
+
+def start_app(shape: Shape, *, processes: int, env: dict, workdir: Path, total: int) -> None:
+    logs = workdir / f"{shape.name}.log"
+    with open(logs, "ab") as out:
+        subprocess.run(
+            [PY, "manage.py", "start", "--no-serve"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            stdout=out,
+            stderr=out,
+        )
+        seeded = subprocess.run(
+            [PY, "-m", "bench.seed", str(total)],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        out.write(seeded.stderr.encode())
+    shape.seed = json.loads(seeded.stdout)
+    shape.env = env
+    for i in range(processes):
+        port = free_port()
+        counts = str(workdir / f"{shape.name}-{i}.counts.json")
+        with open(logs, "ab") as out:
+            proc = subprocess.Popen(
+                [PY, "-m", "bench.appserver", str(port), counts],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        shape.procs.append(proc)
+        shape.ports.append(port)
+        shape.counts_files.append(counts)
+    for port in shape.ports:
+        wait_http(port)
+    import httpx
+
+    with httpx.Client(timeout=30) as client:
+        page.login(
+            client,
+            f"http://127.0.0.1:{shape.ports[0]}",
+            shape.seed["username"],
+            shape.seed["password"],
+        )
+        shape.cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+
+
+def run_round(shape: Shape, conversations: list[int], args, workdir: Path, label: str) -> dict:
+    """One load round: open, measure idle, send at once, measure, close."""
+    plan = {
+        "targets": [["127.0.0.1", p] for p in shape.ports],
+        "path": "/ws/conversations/{id}/",
+        "conversations": conversations,
+        "cookie": shape.cookie,
+        "origin": f"http://127.0.0.1:{shape.ports[0]}",
+        "tokens": args.tokens,
+        "open_timeout": 60 + 0.2 * len(conversations),
+        "reply_timeout": args.ttft + args.tokens / args.rate + 60 + 0.05 * len(conversations),
+    }
+    plan_path = workdir / f"plan-{shape.name}-{label}.json"
+    plan_path.write_text(json.dumps(plan))
+    before_mem = {pid: memory_kb(pid) for pid in shape.pids}
+    with open(workdir / "loadgen.log", "ab") as err:
+        gen = subprocess.Popen(
+            [PY, "-m", "bench.loadgen", str(plan_path)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        ready = json.loads(gen.stdout.readline() or "{}")
+        open_mem = {pid: memory_kb(pid) for pid in shape.pids}
+        counts_before = shape.counts()
+        cpu_before = sum(cpu_seconds(pid) for pid in shape.pids)
+        gen.stdin.write("go\n")
+        gen.stdin.flush()
+        line = gen.stdout.readline()
+        cpu_after = sum(cpu_seconds(pid) for pid in shape.pids)
+        counts_after = shape.counts()
+        after_mem = {pid: memory_kb(pid) for pid in shape.pids}
+        gen.stdin.write("close\n")
+        gen.stdin.flush()
+        gen.wait(timeout=60)
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+    if not line:
+        raise RuntimeError(f"{shape.name} {label}: the load generator failed (see loadgen.log)")
+    result = json.loads(line)
+    replies = max(1, len(conversations))
+    relayed = result["tokens_received"]
+    cpu = cpu_after - cpu_before
+    sockets = max(1, ready.get("ready", 0))
+    result.update(
+        {
+            "shape": shape.name,
+            "concurrency": len(conversations),
+            "open_s": ready.get("open_s"),
+            "cpu_s": cpu,
+            "cpu_per_1k_tokens": cpu / relayed * 1000 if relayed else None,
+            "peak_rss_mb": sum(m["peak"] for m in after_mem.values()) / 1024,
+            "rss_per_socket_kb": sum(open_mem[p]["rss"] - before_mem[p]["rss"] for p in shape.pids)
+            / sockets,
+            "db_writes_per_reply": (counts_after["writes"] - counts_before["writes"]) / replies,
+            "db_statements_per_reply": (counts_after["statements"] - counts_before["statements"])
+            / replies,
+        }
+    )
+    return result
+
+
+def history_probe(shape: Shape, args, workdir: Path) -> dict:
+    """Statements for one send on a 2-message and on a 500-message conversation."""
+    out = {}
+    for key in ("probe_small", "probe_large"):
+        result = run_round(shape, [shape.seed[key]], args, workdir, key)
+        out[key] = {
+            "statements": result["db_statements_per_reply"],
+            "writes": result["db_writes_per_reply"],
+            "tokens_lost": result["tokens_lost"],
+        }
+    out["large_messages"] = shape.seed.get("probe_large_messages")
+    out["large_images"] = shape.seed.get("probe_large_images")
+    return out
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,50,200,500,1000", help="concurrency levels")
+    parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream")
+    parser.add_argument("--tokens", type=int, default=500, help="tokens per reply")
+    parser.add_argument("--ttft", type=float, default=0.3, help="upstream time to first token (s)")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--no-images", action="store_true")
+    parser.add_argument("--no-page", action="store_true")
+    parser.add_argument("--no-probe", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kimichat_bench"
+        ),
+        help="PostgreSQL database for the production shape (dropped and re-created)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        help="Redis database for the production shape",
+    )
+    parser.add_argument(
+        "--app-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the app's processes (e.g. STREAM_FLUSH_INTERVAL=0.02)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, databases)")
+    parser.add_argument("--stop-p99-ms", type=float, default=1000.0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    workdir = Path(tempfile.mkdtemp(prefix="kimichat-bench-"))
+    log("work dir", workdir)
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}
+        and not k.startswith(("OPENAI_COMPAT_", "MOONSHOT_", "PYTEST", "STREAM_"))
+    }
+    base_env["PYTHONPATH"] = str(ROOT)
+    procs: list[subprocess.Popen] = []
+    shapes: dict[str, Shape] = {}
+    results: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+        "params": {
+            "levels": levels,
+            "rate": args.rate,
+            "tokens": args.tokens,
+            "ttft": args.ttft,
+            "app_env": args.app_env,
+        },
+        "rounds": [],
+        "notes": [],
+    }
+    try:
+        upstream, up_port = start_printing_port(
+            [
+                PY,
+                "-m",
+                "bench.upstream",
+                "--tokens",
+                str(args.tokens),
+                "--rate",
+                str(args.rate),
+                "--ttft",
+                str(args.ttft),
+            ],
+            base_env,
+            workdir / "upstream.log",
+        )
+        procs.append(upstream)
+        up_url = f"http://127.0.0.1:{up_port}/v1"
+        app_env = {
+            **base_env,
+            "OPENAI_COMPAT_BASE_URL": up_url,
+            "OPENAI_COMPAT_MODELS": "bench",
+            "LOG_LEVEL": "WARNING",
+            "STATIC_ROOT": str(workdir / "static"),
+            **dict(item.split("=", 1) for item in args.app_env),
+        }
+        total = sum(levels)
+        if "baseline" in wanted:
+            shape = Shape("baseline")
+            proc, port = start_printing_port(
+                [PY, "-m", "bench.baseline", "--upstream", up_url],
+                base_env,
+                workdir / "baseline.log",
+            )
+            shape.procs.append(proc)
+            shape.ports.append(port)
+            shapes["baseline"] = shape
+        if "embedded" in wanted:
+            shape = Shape("embedded")
+            env = {**app_env, "DATA_DIR": str(workdir / "embedded")}
+            start_app(shape, processes=1, env=env, workdir=workdir, total=total)
+            shapes["embedded"] = shape
+        if "production" in wanted:
+            shape = Shape("production")
+            env = {
+                **app_env,
+                "DATA_DIR": str(workdir / "production"),
+                "DATABASE_URL": args.database_url,
+                "REDIS_URL": args.redis_url,
+            }
+            try:
+                prepare_postgres(args.database_url)
+                prepare_redis(args.redis_url)
+            except Exception as exc:
+                results["notes"].append(f"production shape skipped: {exc!r}")
+                log("production shape skipped:", exc)
+            else:
+                start_app(shape, processes=2, env=env, workdir=workdir, total=total)
+                shapes["production"] = shape
+        for shape in shapes.values():
+            procs.extend(shape.procs)
+
+        for level in levels:
+            for shape in shapes.values():
+                if not shape.active:
+                    continue
+                log(f"{shape.name} C={level} ...")
+                result = run_round(shape, shape.take(level), args, workdir, f"c{level}")
+                results["rounds"].append(result)
+                log(report.round_line(result))
+                lat = result["latency_ms"]
+                if result["tokens_lost"] or (lat["p99"] or 0) > args.stop_p99_ms:
+                    shape.active = False
+                    log(f"{shape.name}: stopping after C={level}")
+
+        if not args.no_probe:
+            results["history_probe"] = {
+                name: history_probe(shape, args, workdir)
+                for name, shape in shapes.items()
+                if name != "baseline"
+            }
+        if not args.no_page and "embedded" in shapes:
+            shape = shapes["embedded"]
+            results["page"] = page.page_weight(
+                f"http://127.0.0.1:{shape.ports[0]}", shape.seed["username"], shape.seed["password"]
+            )
+        if not args.no_images:
+            log("image pipeline ...")
+            done = subprocess.run(
+                [PY, "-m", "bench.images"],
+                env=base_env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results["images"] = json.loads(done.stdout)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    return report.write(results, Path(args.out), shapes=list(shapes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Prepare one shape's database for the benchmark (run with that shape's environment).
+
+`python -m bench.seed COUNT` creates the bench user, COUNT empty conversations on the fake
+upstream's model, and two history probes: a conversation with 2 earlier messages and one with
+500 (plus 50 images when the app stores attachments), so queries per send can be compared
+across conversation lengths. Prints {"username", "password", "conversations", "probe_small",
+"probe_large"} as JSON.
+"""
+
+import json
+import os
+import sys
+
+import django
+
+USERNAME = "bench"
+PASSWORD = "bench-password-not-secret"
+LONG_HISTORY = 500
+LONG_HISTORY_IMAGES = 50
+
+
+def _history(conversation, count: int, model) -> None:
+    from chatapp.models import Message
+
+    Message.objects.bulk_create(
+        Message(
+            conversation=conversation,
+            role=Message.Role.USER if i % 2 == 0 else Message.Role.ASSISTANT,
+            content=f"earlier message {i} " + "lorem ipsum " * 20,
+            status=Message.Status.COMPLETE,
+            model=None if i % 2 == 0 else model,
+        )
+        for i in range(count)
+    )
+
+
+def _images(conversation, count: int) -> int:
+    """Attach small images to the first user messages, if this version of the app has them."""
+    from django.apps import apps
+
+    try:
+        Attachment = apps.get_model("chatapp", "Attachment")
+    except LookupError:
+        return 0
+    import io
+
+    from PIL import Image
+
+    from chatapp.models import Message
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(buf, "PNG")
+    data = buf.getvalue()
+    users = list(conversation.messages.filter(role=Message.Role.USER).order_by("id")[:count])
+    made = 0
+    fields = {f.name: f for f in Attachment._meta.get_fields()}
+    for message in users:
+        kwargs = {"message": message} if "message" in fields else {}
+        for name, value in (
+            ("mime", "image/png"),
+            ("width", 64),
+            ("height", 64),
+            ("size", len(data)),
+            ("sha256", f"{message.pk:064x}"),
+            ("data", data),
+            ("conversation", conversation),
+            ("owner", conversation.owner),
+        ):
+            if name in fields and name not in kwargs:
+                kwargs[name] = value
+        try:
+            Attachment.objects.create(**kwargs)
+            made += 1
+        except Exception as exc:  # an unknown attachment shape: report, do not guess further
+            print(f"bench.seed: cannot create attachments ({exc!r})", file=sys.stderr)
+            return made
+    return made
+
+
+def main() -> None:
+    count = int(sys.argv[1])
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
+    django.setup()
+    from django.contrib.auth import get_user_model
+
+    from chatapp.model_catalog import catalog_sync
+    from chatapp.models import Conversation, ModelConfig
+
+    catalog_sync()
+    model = ModelConfig.objects.get(provider__kind="openai_compat", model_id="bench")
+    User = get_user_model()
+    user, _ = User.objects.get_or_create(username=USERNAME)
+    user.set_password(PASSWORD)
+    user.save()
+    made = Conversation.objects.bulk_create(
+        Conversation(owner=user, model=model, title=f"bench {i}") for i in range(count)
+    )
+    small = Conversation.objects.create(owner=user, model=model, title="probe: short history")
+    _history(small, 2, model)
+    large = Conversation.objects.create(owner=user, model=model, title="probe: long history")
+    _history(large, LONG_HISTORY, model)
+    images = _images(large, LONG_HISTORY_IMAGES)
+    print(
+        json.dumps(
+            {
+                "username": USERNAME,
+                "password": PASSWORD,
+                "conversations": [c.pk for c in made],
+                "probe_small": small.pk,
+                "probe_large": large.pk,
+                "probe_large_messages": LONG_HISTORY,
+                "probe_large_images": images,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
