@@ -125,8 +125,10 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
     messages: list[dict] = []
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
+    # "conversation" must be loaded too: the related manager sets it on every row, and a
+    # deferred foreign key would cost one query per message.
     earlier = conversation.messages.filter(id__lt=before.id).only(
-        "role", "content", "status", "tool_calls", "reasoning", "reasoning_details"
+        "conversation", "role", "content", "status", "tool_calls", "reasoning", "reasoning_details"
     )
     for message in earlier:
         if message.role == Message.Role.ASSISTANT:
