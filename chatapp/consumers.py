@@ -167,6 +167,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     # ---- channel-layer events ----------------------------------------------------------------
 
+    async def dispatch(self, message: dict) -> None:
+        # Channels runs close_old_connections in the one database thread before every handler.
+        # Forwarding a frame touches no database, and that hop per frame per socket queued every
+        # stream behind the database work (measured: p50 added latency 2.6 s at 50 streams).
+        if message["type"] == "chat.frame":
+            await self.chat_frame(message)
+        else:
+            await super().dispatch(message)
+
     async def chat_frame(self, event: dict) -> None:
         await self.send(text_data=event["text"])
 
