@@ -201,10 +201,14 @@ class Generation:
         while True:
             await self._has_pending.wait()
             self._has_pending.clear()
+            # Read before sending: tokens that arrive while this frame is being published (the
+            # stream may end meanwhile) must still go out on the next pass, not be dropped.
+            done = self._streaming_done
             await self._send_pending()
-            if self._streaming_done:
+            if done:
                 return
-            await asyncio.sleep(interval)
+            if not self._streaming_done:
+                await asyncio.sleep(interval)
 
     async def _send_pending(self) -> None:
         if not (self._pending_content or self._pending_reasoning):
