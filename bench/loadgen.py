@@ -36,6 +36,7 @@ class Reply:
         "done",
         "error",
         "counting",
+        "end_seq_gap",
     )
 
     def __init__(self, tokens: int, latencies: list[float]) -> None:
@@ -54,6 +55,7 @@ class Reply:
         self.done = asyncio.get_running_loop().create_future()
         self.error = ""
         self.counting = False
+        self.end_seq_gap = 0
 
     def on_text(self, text: str) -> None:
         now = time.monotonic()
@@ -88,6 +90,10 @@ class Reply:
                     # Whole wait minus the upstream's own first-token time.
                     self.ttft_over = (now - self.sent_at) - (written - request_at)
         elif kind == "reply.end" and not self.done.done():
+            final_seq = (frame.get("message") or {}).get("seq")
+            if isinstance(final_seq, int) and final_seq != self.seq:
+                self.seq_errors += 1  # deltas missing before the end (or after it)
+                self.end_seq_gap = final_seq - self.seq
             self.done.set_result(None)
         elif kind == "error":
             self.error = frame.get("message", "error")
@@ -189,6 +195,16 @@ async def run(plan: dict) -> None:
         "tokens_out_of_order": sum(r.out_of_order for r in replies),
         "seq_errors": sum(r.seq_errors for r in replies),
         "errors": sorted({r.error for r in replies if r.error})[:5],
+        "incomplete": [
+            {
+                "received": len(r.seen),
+                "next_index": r.next_index,
+                "end_seq_gap": r.end_seq_gap,
+                "deltas": r.deltas,
+            }
+            for r in replies
+            if len(r.seen) != tokens
+        ][:5],
         "replies_ended": sum(r.done.done() and not r.error for r in replies),
         "frames_per_reply": sum(r.frames for r in replies) / max(1, len(replies)),
         "deltas_per_reply": sum(r.deltas for r in replies) / max(1, len(replies)),

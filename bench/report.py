@@ -43,8 +43,8 @@ def table(results: dict) -> str:
         + (f"; app environment {' '.join(p['app_env'])}" if p.get("app_env") else "")
         + ".",
         "",
-        "| C | shape | lost / dup / out of order | added latency p50 / p95 / p99 / max (ms) | p99 vs baseline | TTFT over upstream p50 / p99 (ms) | CPU s per 1k tokens | vs baseline | peak RSS (MB) | RSS per socket (KB) | frames per reply | DB writes / statements per reply |",
-        "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| C | shape | lost / dup / out of order | added latency p50 / p95 / p99 / max (ms) | p99 vs baseline | TTFT over upstream p50 / p99 (ms) | CPU s per 1k tokens | vs baseline | peak RSS (MB) | RSS per socket (KB) | frames per reply | DB writes / statements per reply | upstream + load generator CPU s (load avg) |",
+        "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in sorted(rounds, key=lambda r: (r["concurrency"], r["shape"] != "baseline", r["shape"])):
         lat, ttft = r["latency_ms"], r["ttft_over_ms"]
@@ -65,7 +65,8 @@ def table(results: dict) -> str:
             f"{r['tokens_out_of_order']} | {_f(lat['p50'])} / {_f(lat['p95'])} / {_f(lat['p99'])} / "
             f"{_f(lat['max'])} | {vs_p99} | {_f(ttft['p50'])} / {_f(ttft['p99'])} | "
             f"{_f(r['cpu_per_1k_tokens'], 3)} | {vs_cpu} | {_f(r['peak_rss_mb'])} | "
-            f"{_f(r['rss_per_socket_kb'])} | {_f(r['frames_per_reply'])} | {db} |"
+            f"{_f(r['rss_per_socket_kb'])} | {_f(r['frames_per_reply'])} | {db} | "
+            f"{_f(r.get('harness_cpu_s'))} ({_f(r.get('load_avg'))}) |"
         )
     errors = [f"{r['shape']} C={r['concurrency']}: {r['errors']}" for r in rounds if r["errors"]]
     if errors:
@@ -140,7 +141,21 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
-def write(results: dict, out: Path, *, shapes: list[str]) -> dict:
+README_START = "<!-- bench:table:start -->"
+README_END = "<!-- bench:table:end -->"
+
+
+def update_readme(readme: Path, md: str) -> None:
+    """Put the table between the README's markers (the rest of the README is left alone)."""
+    text = readme.read_text()
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not (start and end):
+        raise RuntimeError(f"{readme} has no {README_START} ... {README_END} markers")
+    readme.write_text(head + start + "\n" + md + end + tail)
+
+
+def write(results: dict, out: Path, *, shapes: list[str], readme: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stamp = results["date"][:16].replace(":", "")
     png = out / f"{stamp}-plot.png"
@@ -162,6 +177,8 @@ def write(results: dict, out: Path, *, shapes: list[str]) -> dict:
     (out / "latest.md").write_text(md)
     results["files"] = files + [str(out / f"{stamp}-table.md")]
     results["table"] = md
+    if readme is not None:
+        update_readme(readme, md)
     print(md)
     print(
         "wrote",

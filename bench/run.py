@@ -181,7 +181,9 @@ def start_app(shape: Shape, *, processes: int, env: dict, workdir: Path, total: 
         shape.cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
 
 
-def run_round(shape: Shape, conversations: list[int], args, workdir: Path, label: str) -> dict:
+def run_round(
+    shape: Shape, conversations: list[int], args, workdir: Path, label: str, upstream_pid: int
+) -> dict:
     """One load round: open, measure idle, send at once, measure, close."""
     plan = {
         "targets": [["127.0.0.1", p] for p in shape.ports],
@@ -210,10 +212,12 @@ def run_round(shape: Shape, conversations: list[int], args, workdir: Path, label
         open_mem = {pid: memory_kb(pid) for pid in shape.pids}
         counts_before = shape.counts()
         cpu_before = sum(cpu_seconds(pid) for pid in shape.pids)
+        harness_before = cpu_seconds(gen.pid) + cpu_seconds(upstream_pid)
         gen.stdin.write("go\n")
         gen.stdin.flush()
         line = gen.stdout.readline()
         cpu_after = sum(cpu_seconds(pid) for pid in shape.pids)
+        harness_after = cpu_seconds(gen.pid) + cpu_seconds(upstream_pid)
         counts_after = shape.counts()
         after_mem = {pid: memory_kb(pid) for pid in shape.pids}
         gen.stdin.write("close\n")
@@ -236,6 +240,9 @@ def run_round(shape: Shape, conversations: list[int], args, workdir: Path, label
             "open_s": ready.get("open_s"),
             "cpu_s": cpu,
             "cpu_per_1k_tokens": cpu / relayed * 1000 if relayed else None,
+            # The upstream and the load generator share the machine: their CPU, for context.
+            "harness_cpu_s": harness_after - harness_before,
+            "load_avg": os.getloadavg()[0],
             "peak_rss_mb": sum(m["peak"] for m in after_mem.values()) / 1024,
             "rss_per_socket_kb": sum(open_mem[p]["rss"] - before_mem[p]["rss"] for p in shape.pids)
             / sockets,
@@ -247,11 +254,11 @@ def run_round(shape: Shape, conversations: list[int], args, workdir: Path, label
     return result
 
 
-def history_probe(shape: Shape, args, workdir: Path) -> dict:
+def history_probe(shape: Shape, args, workdir: Path, upstream_pid: int) -> dict:
     """Statements for one send on a 2-message and on a 500-message conversation."""
     out = {}
     for key in ("probe_small", "probe_large"):
-        result = run_round(shape, [shape.seed[key]], args, workdir, key)
+        result = run_round(shape, [shape.seed[key]], args, workdir, key, upstream_pid)
         out[key] = {
             "statements": result["db_statements_per_reply"],
             "writes": result["db_writes_per_reply"],
@@ -291,6 +298,11 @@ def parse_args(argv):
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for the app's processes (e.g. STREAM_FLUSH_INTERVAL=0.02)",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="put the table into README.md's benchmark section",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, databases)")
     parser.add_argument("--stop-p99-ms", type=float, default=1000.0)
@@ -392,7 +404,9 @@ def main(argv=None) -> dict:
                 if not shape.active:
                     continue
                 log(f"{shape.name} C={level} ...")
-                result = run_round(shape, shape.take(level), args, workdir, f"c{level}")
+                result = run_round(
+                    shape, shape.take(level), args, workdir, f"c{level}", upstream.pid
+                )
                 results["rounds"].append(result)
                 log(report.round_line(result))
                 lat = result["latency_ms"]
@@ -402,7 +416,7 @@ def main(argv=None) -> dict:
 
         if not args.no_probe:
             results["history_probe"] = {
-                name: history_probe(shape, args, workdir)
+                name: history_probe(shape, args, workdir, upstream.pid)
                 for name, shape in shapes.items()
                 if name != "baseline"
             }
@@ -434,7 +448,8 @@ def main(argv=None) -> dict:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
-    return report.write(results, Path(args.out), shapes=list(shapes))
+    readme = ROOT / "README.md" if args.update_readme else None
+    return report.write(results, Path(args.out), shapes=list(shapes), readme=readme)
 
 
 if __name__ == "__main__":
