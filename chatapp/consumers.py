@@ -1,8 +1,8 @@
 """Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
 
-Client frames: {"type": "send", "text", "model"?}, {"type": "stop"}, {"type": "state"},
-{"type": "regenerate", "message_id", "max_output_tokens"?} (Retry / Regenerate the last reply,
-optionally with a larger output budget).
+Client frames: {"type": "send", "text", "model"?, "attachments"?: [uploaded image ids]},
+{"type": "stop"}, {"type": "state"}, {"type": "regenerate", "message_id", "max_output_tokens"?}
+(Retry / Regenerate the last reply, optionally with a larger output budget).
 Server frames: "message" (the saved user message and the new reply), "delta" {message_id, seq,
 text|reasoning}, "reply.status" {text} (retrying, waiting in line), "reply.end" {message},
 "reply.replaced" {old_id, reply}, "state" {reply|null, last?} and "error" {code, message,
@@ -102,8 +102,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def handle_send(self, content: dict) -> None:
         text = content.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ClientError("empty", "Type a message first.")
+        attachment_ids = content.get("attachments") or []
+        if not isinstance(attachment_ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in attachment_ids
+        ):
+            raise ClientError("bad_frame", "attachments must be a list of image ids.")
+        if not isinstance(text, str) or (not text.strip() and not attachment_ids):
+            raise ClientError("empty", "Type a message or attach an image first.")
         if len(text) > MAX_MESSAGE_CHARS:
             raise ClientError(
                 "too_long", f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters."
@@ -118,7 +123,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await database_sync_to_async(conversation_set_model)(
                 conversation=conversation, model=model
             )
-        user_message, reply = await generation.reply_send(conversation=conversation, text=text)
+        user_message, reply = await generation.reply_send(
+            conversation=conversation, text=text, user=user, attachment_ids=attachment_ids
+        )
         await events.broadcast(
             conversation.pk,
             {

@@ -4,6 +4,7 @@ Synchronous ORM code; async callers go through database_sync_to_async.
 """
 
 from django.db import transaction
+from django.db.models import prefetch_related_objects
 from django.http import Http404
 
 from . import teams
@@ -74,14 +75,27 @@ def conversation_set_model(*, conversation: Conversation, model: ModelConfig) ->
 
 
 @transaction.atomic
-def turn_start(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
-    """Commit the user's message and an empty streaming reply, before any upstream call."""
+def turn_start(
+    *, conversation: Conversation, text: str, user=None, attachment_ids: list[int] = ()
+) -> tuple[Message, Message]:
+    """Commit the user's message (with its images) and an empty streaming reply, before any
+    upstream call. A refused attachment rolls everything back."""
+    from .attachments import attachments_bind, message_attachments_prefetch
+
     locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
     if locked.messages.filter(status=Message.Status.STREAMING).exists():
         raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
     user_message = Message.objects.create(
         conversation=locked, role=Message.Role.USER, content=text, status=Message.Status.COMPLETE
     )
+    bound = attachments_bind(
+        user=user or conversation.owner,
+        conversation=conversation,
+        message=user_message,
+        attachment_ids=list(attachment_ids),
+    )
+    # Loaded here so message_to_dict can show them without a query on the event loop.
+    prefetch_related_objects([user_message], message_attachments_prefetch())
     reply = Message.objects.create(
         conversation=locked,
         role=Message.Role.ASSISTANT,
@@ -90,7 +104,7 @@ def turn_start(*, conversation: Conversation, text: str) -> tuple[Message, Messa
     )
     fields = ["updated_at"]
     if not locked.title:
-        locked.title = title_from_text(text)
+        locked.title = title_from_text(text) or (bound[0].filename if bound else "")
         conversation.title = locked.title
         fields.append("title")
     locked.save(update_fields=fields)
@@ -122,13 +136,27 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
 
     Built the same way every turn, so turn N+1's list starts with turn N's list plus its reply.
     """
+    from .attachments import message_attachments_prefetch, user_content
+
     messages: list[dict] = []
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
-    # "conversation" must be loaded too: the related manager sets it on every row, and a
-    # deferred foreign key would cost one query per message.
-    earlier = conversation.messages.filter(id__lt=before.id).only(
-        "conversation", "role", "content", "status", "tool_calls", "reasoning", "reasoning_details"
+    vision = conversation.model.vision if conversation.model else True
+    # Images: a constant number of queries whatever the history's length.
+    earlier = (
+        conversation.messages.filter(id__lt=before.id)
+        # "conversation" must be loaded too: the related manager sets it on every row, and a
+        # deferred foreign key would cost one query per message.
+        .only(
+            "conversation",
+            "role",
+            "content",
+            "status",
+            "tool_calls",
+            "reasoning",
+            "reasoning_details",
+        )
+        .prefetch_related(message_attachments_prefetch())
     )
     for message in earlier:
         if message.role == Message.Role.ASSISTANT:
@@ -145,12 +173,17 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
                     entry["reasoning_details"] = message.reasoning_details
             messages.append(entry)
         else:
-            messages.append({"role": "user", "content": message.content})
+            messages.append({"role": "user", "content": user_content(message, vision=vision)})
     return messages
 
 
 def message_to_dict(message: Message) -> dict:
-    """The shape the page renders (history in the page and the final reply frame)."""
+    """The shape the page renders (history in the page and the final reply frame).
+
+    Attachments appear when they were prefetched (message_attachments_prefetch); never queries.
+    """
+    from .attachments import message_attachment_dicts
+
     model = message.model
     return {
         "id": message.pk,
@@ -169,6 +202,7 @@ def message_to_dict(message: Message) -> dict:
         **cache_fields(message),
         "ttft_ms": message.time_to_first_token_ms,
         "created_at": message.created_at.isoformat() if message.created_at else None,
+        "attachments": message_attachment_dicts(message),
     }
 
 
@@ -194,4 +228,9 @@ def last_reply(conversation: Conversation) -> Message | None:
 
 
 def conversation_messages(conversation: Conversation) -> list[dict]:
-    return [message_to_dict(m) for m in conversation.messages.select_related("model")]
+    from .attachments import message_attachments_prefetch
+
+    messages = conversation.messages.select_related("model").prefetch_related(
+        message_attachments_prefetch()
+    )
+    return [message_to_dict(m) for m in messages]

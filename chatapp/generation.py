@@ -335,8 +335,11 @@ def _check_model(conversation: Conversation) -> None:
         raise ClientError("model_unavailable", "Pick a model before sending.")
 
 
-async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message, Message]:
-    """Commit the user's message and start the reply; returns (user message, reply)."""
+async def reply_send(
+    *, conversation: Conversation, text: str, user=None, attachment_ids: list[int] = ()
+) -> tuple[Message, Message]:
+    """Commit the user's message (and its images) and start the reply; returns (user message,
+    reply)."""
     _check_model(conversation)
     # Refuse a conversation about to overflow the window before anything is written.
     await database_sync_to_async(context_window.check_send_fits)(
@@ -344,7 +347,7 @@ async def reply_send(*, conversation: Conversation, text: str) -> tuple[Message,
     )
     await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
     user_message, reply = await database_sync_to_async(turn_start)(
-        conversation=conversation, text=text
+        conversation=conversation, text=text, user=user, attachment_ids=attachment_ids
     )
     await _reply_begin(conversation=conversation, reply=reply)
     return user_message, reply

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from .images import DEFAULT_MAX_EDGE
 from .providers.keys import EncryptedTextField
 
 
@@ -49,7 +50,10 @@ class ModelConfig(models.Model):
     display_name = models.CharField(max_length=200)
     description = models.CharField(max_length=500, blank=True)
     context_window = models.PositiveIntegerField(default=262_144)
-    vision = models.BooleanField(default=True)
+    vision = models.BooleanField(default=True, help_text="Can this model see images?")
+    max_image_edge = models.PositiveIntegerField(
+        default=DEFAULT_MAX_EDGE, help_text="Longest image edge (px) sent to this model."
+    )
     reasoning = models.BooleanField(default=False)
     max_output_tokens = models.PositiveIntegerField(
         null=True,
@@ -249,3 +253,71 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} {self.model_name} ${self.cost_usd}"
+
+
+class StoredImage(models.Model):
+    """Processed image bytes stored once under MEDIA_ROOT, addressed by their SHA-256.
+
+    Shared by every attachment that produced the same bytes; deleted with its file when nothing
+    references it any more (attachments.py). Never served by a public URL.
+    """
+
+    sha256 = models.CharField(max_length=64, unique=True)
+    path = models.CharField(max_length=200, help_text="Relative to MEDIA_ROOT.")
+    mime = models.CharField(max_length=32)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    bytes = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} {self.width}x{self.height} {self.mime}"
+
+
+class Attachment(models.Model):
+    """One uploaded image: its thumbnail and its ordered parts (tiles of a very tall image).
+
+    Uploaded before the message exists (message and, for a new chat, conversation are empty);
+    bound to the user's message when it is sent, in the order the user added them.
+    """
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="attachments"
+    )
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, null=True, blank=True, related_name="attachments"
+    )
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, null=True, blank=True, related_name="attachments"
+    )
+    position = models.PositiveSmallIntegerField(default=0)
+    filename = models.CharField(max_length=150)
+    source_format = models.CharField(max_length=16)
+    source_width = models.PositiveIntegerField()
+    source_height = models.PositiveIntegerField()
+    thumbnail = models.ForeignKey(StoredImage, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["position", "id"]
+        indexes = [models.Index(fields=["owner", "message", "created_at"])]
+
+    def __str__(self) -> str:
+        return self.filename
+
+
+class AttachmentPart(models.Model):
+    """One image sent to the model; an attachment has one, or several ordered tiles."""
+
+    attachment = models.ForeignKey(Attachment, on_delete=models.CASCADE, related_name="parts")
+    index = models.PositiveSmallIntegerField()
+    image = models.ForeignKey(StoredImage, on_delete=models.PROTECT, related_name="parts")
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [
+            models.UniqueConstraint(fields=["attachment", "index"], name="unique_part_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.attachment_id}/{self.index}"

@@ -221,7 +221,21 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
-MEDIA_ROOT = Path(env_str("MEDIA_ROOT") or DATA_DIR / "media")
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT") or DATA_DIR / "media")  # never served by URL
+
+# Image uploads (chatapp/attachments.py). Moonshot documents no numeric image limits; the
+# defaults keep one message's images under ~10 MB raw (the largest request payload a Kimi host
+# documents: Workers AI's 10 MB batch cap) and well under Baseten's 96 images per request.
+IMAGE_MAX_UPLOAD_BYTES = env_int("IMAGE_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+IMAGE_MAX_PIXELS = env_int("IMAGE_MAX_PIXELS", 50_000_000)
+IMAGE_MAX_OUTPUT_BYTES = env_int("IMAGE_MAX_OUTPUT_BYTES", 1_500_000)
+IMAGE_MAX_TILES = env_int("IMAGE_MAX_TILES", 8)
+IMAGE_MAX_PER_MESSAGE = env_int("IMAGE_MAX_PER_MESSAGE", 16)
+IMAGE_MAX_BYTES_PER_MESSAGE = env_int("IMAGE_MAX_BYTES_PER_MESSAGE", 10 * 1024 * 1024)
+# Threads that run Pillow (kept off the event loop and off Django's shared sync thread).
+IMAGE_WORKERS = env_int("IMAGE_WORKERS", 2)
+# Uploaded but never sent images are deleted after this many hours.
+IMAGE_UNSENT_TTL_HOURS = env_int("IMAGE_UNSENT_TTL_HOURS", 24)
 
 # Production hardening; harmless on http://127.0.0.1 because they only apply with HTTPS on.
 SECURE_HTTPS = env_bool("SECURE_HTTPS", not DEBUG and bool(env_str("SECRET_KEY")))
@@ -237,6 +251,7 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_FAILURE_VIEW = "chatapp.image_views.csrf_failure"  # JSON for /api/, Django's page otherwise
 
 # Providers. Each one is enabled by its key; the real endpoints are the defaults.
 OPENAI_COMPAT_BASE_URL = env_str("OPENAI_COMPAT_BASE_URL")

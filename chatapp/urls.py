@@ -2,13 +2,25 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import account_views, views
+from . import account_views, image_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("c/<int:pk>/", views.conversation_page, name="conversation"),
     path("api/conversations/", views.conversation_new, name="conversation-new"),
     path("login/", account_views.LoginView.as_view(), name="login"),
+    path("api/attachments/", image_views.upload, name="attachment-upload"),
+    path("api/attachments/<int:pk>/", image_views.attachment_remove, name="attachment-remove"),
+    path(
+        "attachments/<int:pk>/thumbnail/",
+        image_views.attachment_thumbnail,
+        name="attachment-thumbnail",
+    ),
+    path(
+        "attachments/<int:pk>/image/<int:part>/",
+        image_views.attachment_image,
+        name="attachment-image",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path(
         "set-password/<uidb64>/<token>/",

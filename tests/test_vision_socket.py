@@ -1,0 +1,218 @@
+"""Images end to end: uploaded over HTTP, sent over the real websocket, received by the real
+HTTP fake upstream as data URLs."""
+
+import base64
+import io
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from PIL import Image
+
+from chatapp.model_catalog import catalog_sync, reset_catalog_cache
+from chatapp.models import Attachment, Message, ModelConfig
+from tests import image_factories as f
+from tests.conftest import connect, receive_until
+from tests.factories import conversation_create, user_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+make_user = database_sync_to_async(user_create)
+make_conversation = database_sync_to_async(conversation_create)
+
+
+@pytest.fixture(autouse=True)
+def media_root(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+def _upload(user, data: bytes, name: str) -> dict:
+    client = Client()
+    client.force_login(user)
+    response = client.post(
+        "/api/attachments/", {"file": SimpleUploadedFile(name, data, content_type="image/png")}
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+upload = database_sync_to_async(_upload)
+
+
+async def send(ws, text: str, attachments: list[int]) -> list[dict]:
+    await ws.send_json_to({"type": "send", "text": text, "attachments": attachments})
+    return await receive_until(ws, "reply.end")
+
+
+def decode_image_part(part: dict) -> Image.Image:
+    assert part["type"] == "image_url"
+    url = part["image_url"]["url"]
+    header, _, payload = url.partition(",")
+    assert header in {"data:image/png;base64", "data:image/jpeg;base64", "data:image/webp;base64"}
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+async def test_two_images_reach_the_upstream_in_order_as_clean_data_urls(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    photo = await upload(user, f.encode(f.photo(4000, 3000), "JPEG", quality=92), "photo.jpg")
+    rotated = await upload(user, f.exif_rotated_jpeg(), "rotated.jpg")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+
+    frames = await send(ws, "What is in these?", [photo["id"], rotated["id"]])
+    await ws.disconnect()
+
+    sent = frames[0]
+    assert sent["type"] == "message"
+    shown = sent["message"]["attachments"]
+    assert [a["id"] for a in shown] == [photo["id"], rotated["id"]]
+    assert shown[0]["label"].startswith("4000×3000 → 3000×2250")
+    assert shown[0]["thumbnail_url"] == photo["thumbnail_url"]
+    assert frames[-1]["message"]["status"] == "complete"
+
+    (request,) = fake_upstream.chat_requests()
+    (user_turn,) = request.json["messages"]
+    text, first, second = user_turn["content"]
+    assert text == {"type": "text", "text": "What is in these?"}
+    big, turned = decode_image_part(first), decode_image_part(second)
+    assert big.size == (3000, 2250)
+    assert turned.size == (100, 200)  # EXIF orientation 6 applied
+    for im in (big, turned):
+        assert not im.getexif()
+        assert not {"exif", "xmp", "icc_profile", "comment"} & set(im.info)
+    # The marker stored at the top-left lands top-right once rotated.
+    assert turned.convert("RGB").getpixel((85, 10))[0] > 200
+
+
+async def test_turn_two_resends_the_images_byte_identically(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    shot = await upload(user, f.encode(f.screenshot(1600, 900), "PNG"), "shot.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await send(ws, "Read this", [shot["id"]])
+    await send(ws, "And now?", [])
+    await ws.disconnect()
+
+    first, second = fake_upstream.chat_requests()
+    turn1, turn2 = first.json["messages"], second.json["messages"]
+    assert turn2[: len(turn1)] == turn1
+    assert turn2[len(turn1)]["role"] == "assistant"
+    assert turn2[-1] == {"role": "user", "content": "And now?"}
+    # Byte for byte on the wire, up to the end of turn 1's messages.
+    opening = json.dumps(turn1, ensure_ascii=False, separators=(",", ":"))[:-1]
+    assert opening.encode() in first.body
+    assert opening.encode() in second.body
+
+
+async def test_image_only_message_is_allowed_and_titled_by_the_file(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    shot = await upload(user, f.encode(f.screenshot(400, 300), "PNG"), "diagram.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    frames = await send(ws, "", [shot["id"]])
+    await ws.disconnect()
+    assert frames[0]["title"] == "diagram.png"
+    (request,) = fake_upstream.chat_requests()
+    (part,) = request.json["messages"][0]["content"]
+    assert decode_image_part(part).size == (400, 300)
+
+
+async def test_model_without_vision_is_refused_before_any_upstream_call(fake_upstream, settings):
+    settings.OPENAI_COMPAT_MODELS = ["fake-model", "text-model:text"]
+    reset_catalog_cache()
+    await database_sync_to_async(catalog_sync)()
+    text_model = await ModelConfig.objects.aget(model_id="text-model")
+    assert text_model.vision is False
+    user = await make_user()
+    conversation = await make_conversation(owner=user, model=text_model)
+    shot = await upload(user, f.encode(f.screenshot(400, 300), "PNG"), "shot.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+
+    await ws.send_json_to({"type": "send", "text": "What is this?", "attachments": [shot["id"]]})
+    error = await ws.receive_json_from(timeout=5)
+    await ws.disconnect()
+
+    assert error["type"] == "error"
+    assert error["code"] == "no_vision"
+    assert "cannot see images" in error["message"]
+    assert "fake-model" in error["message"]  # names the models that can
+    assert fake_upstream.chat_requests() == []
+    assert not await Message.objects.filter(conversation=conversation).aexists()
+    assert (await Attachment.objects.aget(pk=shot["id"])).message_id is None
+
+
+async def test_someone_elses_or_already_sent_images_are_refused(fake_upstream):
+    user, other = await make_user(), await make_user()
+    conversation = await make_conversation(owner=user)
+    theirs = await upload(other, f.encode(f.screenshot(300, 200), "PNG"), "theirs.png")
+    mine = await upload(user, f.encode(f.screenshot(320, 200), "PNG"), "mine.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+
+    await ws.send_json_to({"type": "send", "text": "look", "attachments": [theirs["id"]]})
+    error = await ws.receive_json_from(timeout=5)
+    assert error["code"] == "attachment_unavailable"
+    await send(ws, "look", [mine["id"]])
+    await ws.send_json_to({"type": "send", "text": "again", "attachments": [mine["id"]]})
+    again = await ws.receive_json_from(timeout=5)
+    assert again["code"] == "attachment_unavailable"
+    await ws.send_json_to({"type": "send", "text": "x", "attachments": ["1"]})
+    assert (await ws.receive_json_from(timeout=5))["code"] == "bad_frame"
+    await ws.disconnect()
+    assert len(fake_upstream.chat_requests()) == 1
+    assert await Message.objects.filter(conversation=conversation).acount() == 2
+
+
+async def test_per_message_limits_are_enforced_with_clear_messages(fake_upstream, settings):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    a = await upload(user, f.encode(f.screenshot(300, 200), "PNG"), "a.png")
+    b = await upload(user, f.encode(f.screenshot(340, 200), "PNG"), "b.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+
+    settings.IMAGE_MAX_PER_MESSAGE = 1
+    await ws.send_json_to({"type": "send", "text": "two", "attachments": [a["id"], b["id"]]})
+    error = await ws.receive_json_from(timeout=5)
+    assert error["code"] == "too_many_images"
+    assert "at most 1 images" in error["message"]
+
+    settings.IMAGE_MAX_PER_MESSAGE = 16
+    settings.IMAGE_MAX_BYTES_PER_MESSAGE = 100
+    await ws.send_json_to({"type": "send", "text": "two", "attachments": [a["id"], b["id"]]})
+    error = await ws.receive_json_from(timeout=5)
+    assert error.get("code") == "images_too_large", error
+    assert "Send them in more than one message" in error["message"]
+    await ws.disconnect()
+
+    assert fake_upstream.chat_requests() == []
+    assert not await Message.objects.filter(conversation=conversation).aexists()
+
+
+async def test_the_page_shows_sent_images_in_the_users_message(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    shot = await upload(user, f.encode(f.screenshot(300, 200), "PNG"), "shot.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await send(ws, "see", [shot["id"]])
+    await ws.disconnect()
+
+    def page():
+        client = Client()
+        client.force_login(user)
+        return client.get(f"/c/{conversation.pk}/").content.decode()
+
+    html = await database_sync_to_async(page)()
+    data = html.split('<script id="page-data" type="application/json">')[1].split("</script>")[0]
+    user_message = json.loads(data)["messages"][0]
+    (shown,) = user_message["attachments"]
+    assert shown["thumbnail_url"] == shot["thumbnail_url"]
+    assert shown["label"].startswith("300×200 → 300×200, ")
