@@ -16,7 +16,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -118,11 +118,11 @@ async def upload(request: HttpRequest) -> JsonResponse:
         name, conversation_id, model_id, data = await loop.run_in_executor(
             _executor(), _read_upload, request
         )
-        conversation, max_edge = await database_sync_to_async(_resolve_target)(
+        conversation, max_edge = await sync_to_async(_resolve_target)(
             user, conversation_id, model_id
         )
         processed = await loop.run_in_executor(_executor(), _process, data, max_edge)
-        attachment = await database_sync_to_async(_store)(
+        attachment = await sync_to_async(_store)(
             user=user, conversation=conversation, name=name, processed=processed
         )
     except ClientError as exc:
