@@ -16,7 +16,7 @@ ORIGIN = (b"origin", b"http://127.0.0.1")
 
 
 @pytest.fixture(autouse=True)
-def _test_settings(settings, request):
+def _test_settings(settings, request, tmp_path):
     # Plain storage: tests do not need collectstatic's hashed manifest.
     settings.STORAGES = {
         **settings.STORAGES,
@@ -24,6 +24,7 @@ def _test_settings(settings, request):
     }
     # The production hasher is slow on purpose; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.MEDIA_ROOT = tmp_path / "media"  # uploaded images never land in ./var
     settings.STREAM_CHECKPOINT_INTERVAL = 0.05
     settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
     settings.UPSTREAM_STALL_TIMEOUT = 5.0

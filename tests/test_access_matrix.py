@@ -59,6 +59,32 @@ def build_world() -> dict:
     }
 
 
+def _png_upload():
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.image_factories import encode, screenshot
+
+    return SimpleUploadedFile("shot.png", encode(screenshot(64, 48), "PNG"))
+
+
+def _image(world: dict, *, sent: bool) -> int:
+    """An image the owner uploaded: sent in the conversation, or still in the composer."""
+    from chatapp.attachments import attachment_create
+    from chatapp.images import process_upload
+    from tests.image_factories import encode, screenshot
+
+    attachment = attachment_create(
+        owner=world["users"]["owner"],
+        conversation=world["conversation"],
+        filename="shot.png",
+        processed=process_upload(encode(screenshot(64, 48), "PNG")),
+    )
+    if sent:
+        attachment.message = world["conversation"].messages.filter(role="user").first()
+        attachment.save(update_fields=["message"])
+    return attachment.pk
+
+
 def client_for(world: dict, role: str) -> Client:
     client = Client()
     user = world["users"][role]
@@ -165,6 +191,31 @@ URL_CASES = {
         lambda w: "/admin/",
         only({"staff": 200}, others=ADMIN_LOGIN, anonymous=ADMIN_LOGIN, deactivated=ADMIN_LOGIN),
         route="admin/",
+    ),
+    "attachment-upload": Case(
+        "post",
+        lambda w: "/api/attachments/",
+        every(201, anonymous=401, deactivated=401),
+        data=lambda w: {"file": _png_upload()},
+        route="api/attachments/",
+    ),
+    "attachment-remove": Case(
+        "delete",
+        lambda w: f"/api/attachments/{_image(w, sent=False)}/",
+        only({"owner": 200}, others=404, anonymous=401, deactivated=401),
+        route="api/attachments/<int:pk>/",
+    ),
+    "attachment-thumbnail": Case(
+        "get",
+        lambda w: f"/attachments/{_image(w, sent=True)}/thumbnail/",
+        only({"owner": 200}, others=404, anonymous=404, deactivated=404),
+        route="attachments/<int:pk>/thumbnail/",
+    ),
+    "attachment-image": Case(
+        "get",
+        lambda w: f"/attachments/{_image(w, sent=True)}/image/0/",
+        only({"owner": 200}, others=404, anonymous=404, deactivated=404),
+        route="attachments/<int:pk>/image/<int:part>/",
     ),
     "admin-conversation": Case(
         "get",
