@@ -8,6 +8,8 @@ To cover a new URL, add one Case to URL_CASES: the method, a function building t
 (status, start of the Location header) for redirects.
 """
 
+import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -251,7 +253,22 @@ def test_every_route_is_in_the_matrix():
     """A URL added to urls.py without a row in URL_CASES fails here."""
     covered = {case.route for case in URL_CASES.values()}
     routes = {str(pattern.pattern) for pattern in get_resolver().url_patterns}
-    assert routes - covered == set()
+    missing = routes - covered
+    assert not missing, f"add a Case to URL_CASES in tests/test_access_matrix.py for {missing}"
+
+
+def test_every_websocket_route_and_action_is_in_the_matrix():
+    """A new socket route or client frame type without a row in CONNECT / ACTIONS fails here."""
+    from chatapp.consumers import ChatConsumer
+    from chatapp.routing import websocket_urlpatterns
+
+    routes = {str(pattern.pattern) for pattern in websocket_urlpatterns}
+    assert routes == {"ws/conversations/<int:conversation_id>/"}, "add it to the matrix"
+    source = inspect.getsource(ChatConsumer.receive_json)
+    dispatched = set(re.findall(r'"([a-z_.]+)": self\.handle_', source))
+    assert dispatched, "the dispatch table moved: update this check"
+    missing = dispatched - set(ACTIONS)
+    assert not missing, f"add the client frame types {missing} to ACTIONS"
 
 
 # ---- websockets -----------------------------------------------------------------------------

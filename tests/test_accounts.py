@@ -253,3 +253,81 @@ def test_production_cookies_are_secure(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(project_settings)
+
+
+@pytest.mark.production
+@pytest.mark.django_db
+def test_login_locks_live_in_redis_for_every_process(settings):
+    import redis
+    from django.core.cache.backends.redis import RedisCache
+
+    url = "redis://127.0.0.1:6379/4"
+    probe = redis.Redis.from_url(url)
+    try:
+        probe.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "test-teams",
+        }
+    }
+    settings.LOGIN_MAX_FAILURES_PER_ACCOUNT = 2
+    from django.core.cache import cache
+
+    cache.clear()
+    user_create(username="lena", password="lena's secret 3")
+    for _ in range(2):
+        login(Client(), "lena", "wrong")
+    # Another process = another connection to the same Redis: it sees the same lock.
+    other_process = RedisCache(url, {"KEY_PREFIX": "test-teams"})
+    lock_key = f"{accounts._key('account', 'lena')}:lock"
+    assert other_process.get(lock_key) is not None
+    assert 0 < probe.ttl(f"test-teams:1:{lock_key}") <= settings.LOGIN_LOCK_SECONDS
+    assert "Too many failed" in login(Client(), "lena", "lena's secret 3").content.decode()
+    cache.clear()
+    probe.close()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/auth/user/",
+        "/admin/auth/user/add/",
+        "/admin/chatapp/team/",
+        "/admin/chatapp/team/add/",
+        "/admin/chatapp/usagerecord/",
+    ],
+)
+def test_admin_pages_render(path):
+    team_create(name="Render")
+    assert admin_client().get(path).status_code == 200
+
+
+@pytest.mark.django_db
+def test_staff_create_a_team_with_a_budget_and_models_in_the_admin(fake_upstream):
+    from chatapp.models import ModelConfig, Team
+
+    fake = ModelConfig.objects.get(model_id="fake-model")
+    response = admin_client().post(
+        "/admin/chatapp/team/add/",
+        {
+            "name": "Platform",
+            "monthly_budget_usd": "250.00",
+            "member_monthly_cap_usd": "",
+            "allowed_models": [fake.pk],
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        },
+    )
+    assert response.status_code == 302
+    team = Team.objects.get(name="Platform")
+    assert str(team.monthly_budget_usd) == "250.00" and team.member_monthly_cap_usd is None
+    assert list(team.allowed_models.all()) == [fake]
+    user = user_create()
+    teams.membership_set(user=user, team=team)
+    user_page = admin_client().get(f"/admin/auth/user/{user.pk}/change/")
+    assert user_page.status_code == 200 and "Platform" in user_page.content.decode()
