@@ -2,6 +2,7 @@
 import { renderInto } from "./render.js";
 import { ConversationSocket } from "./socket.js";
 import { largerBudget, showContext } from "./context.js";
+import { ComposerImages, renderMessageImages } from "./attachments.js";
 
 const data = JSON.parse(document.getElementById("page-data").textContent);
 const $ = (id) => document.getElementById(id);
@@ -51,6 +52,7 @@ function renderMessage(message) {
   const body = el.querySelector(".body");
   if (message.role === "user") {
     body.textContent = message.content;
+    renderMessageImages(el, message.attachments);
   } else {
     renderInto(body, message.content);
   }
@@ -166,6 +168,7 @@ const handlers = {
     scheduleLiveRender();
   },
   message(frame) {
+    images.sent(frame.message);
     renderMessage(frame.message);
     if (frame.title && conversation) setTitle(frame.title);
     const reply = frame.reply;
@@ -215,7 +218,10 @@ const handlers = {
   },
   error(frame) {
     // A reply's own failure is shown in its bubble (reply.end); others by the composer.
-    if (!frame.message_id) showError(frame.message);
+    if (!frame.message_id) {
+      showError(frame.message);
+      images.restore(); // a refused send keeps its images in the composer
+    }
   },
 };
 
@@ -271,15 +277,18 @@ async function createConversation() {
 
 async function send() {
   const text = input.value;
-  if (!text.trim() || !stopButton.hidden) return;
+  if ((!text.trim() && images.isEmpty()) || !stopButton.hidden) return;
   showError("");
+  let attachments;
   try {
+    attachments = await images.take(); // uploads started when added: usually already done
     if (!conversation) await createConversation();
   } catch (error) {
+    images.restore();
     showError(error.message);
     return;
   }
-  socket.send({ type: "send", text, model: Number(modelSelect.value) });
+  socket.send({ type: "send", text, model: Number(modelSelect.value), attachments });
   input.value = "";
   autosize();
 }
@@ -300,6 +309,19 @@ input.addEventListener("keydown", (event) => {
   }
 });
 input.addEventListener("input", autosize);
+const images = new ComposerImages({
+  tray: $("attachment-tray"),
+  button: $("attach"),
+  input: $("attach-input"),
+  note: $("attach-note"),
+  dropTarget: $("chat"),
+  csrfToken,
+  models: data.models,
+  getModelId: () => modelSelect.value,
+  getConversationId: () => conversation && conversation.id,
+  onError: showError,
+});
+modelSelect.addEventListener("change", () => images.setModel());
 stopButton.addEventListener("click", () => socket && socket.send({ type: "stop" }));
 
 // ---- start -----------------------------------------------------------------------------------
