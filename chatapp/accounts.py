@@ -20,6 +20,7 @@ import math
 from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.tokens import default_token_generator
@@ -89,13 +90,11 @@ def client_ip(request) -> str:
     return request.META.get("REMOTE_ADDR", "") if request is not None else ""
 
 
-class ThrottledAuthenticationForm(AuthenticationForm):
-    """Django's log-in form behind the per-account and per-IP locks."""
+DEACTIVATED = "This account has been deactivated. Ask your administrator."
 
-    error_messages = {
-        **AuthenticationForm.error_messages,
-        "inactive": "This account has been deactivated. Ask your administrator.",
-    }
+
+class ThrottleMixin:
+    """Put a log-in form behind the per-account and per-IP locks."""
 
     def clean(self):
         username = self.cleaned_data.get("username") or ""
@@ -116,7 +115,15 @@ class ThrottledAuthenticationForm(AuthenticationForm):
         # The backend answers "wrong password" for inactive users; with the right password, say why.
         user = get_user_model().objects.filter(username=username, is_active=False).first()
         if user is not None and user.check_password(self.cleaned_data.get("password") or ""):
-            raise forms.ValidationError(self.error_messages["inactive"], code="inactive")
+            raise forms.ValidationError(DEACTIVATED, code="inactive")
+
+
+class ThrottledAuthenticationForm(ThrottleMixin, AuthenticationForm):
+    """The app's log-in page."""
+
+
+class ThrottledAdminAuthenticationForm(ThrottleMixin, AdminAuthenticationForm):
+    """The Django admin's log-in page: the same locks (it is another door to the same accounts)."""
 
 
 # ---- set-password links ---------------------------------------------------------------------

@@ -275,3 +275,4 @@ class AccountUserAdmin(UserAdmin):
 
 admin.site.unregister(User)
 admin.site.register(User, AccountUserAdmin)
+admin.site.login_form = accounts.ThrottledAdminAuthenticationForm

@@ -331,3 +331,16 @@ def test_staff_create_a_team_with_a_budget_and_models_in_the_admin(fake_upstream
     teams.membership_set(user=user, team=team)
     user_page = admin_client().get(f"/admin/auth/user/{user.pk}/change/")
     assert user_page.status_code == 200 and "Platform" in user_page.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_admin_login_page_is_throttled_too(settings):
+    settings.LOGIN_MAX_FAILURES_PER_ACCOUNT = 2
+    user_create(username="root", password="root's password 1", is_staff=True)
+    for _ in range(2):
+        Client().post("/admin/login/", {"username": "root", "password": "x"})
+    page = Client().post("/admin/login/", {"username": "root", "password": "root's password 1"})
+    assert page.status_code == 200
+    assert "Too many failed log-ins for this account" in page.content.decode()
+    # The app's own log-in page shares the lock.
+    assert "Too many failed" in login(Client(), "root", "root's password 1").content.decode()
