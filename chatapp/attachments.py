@@ -394,13 +394,17 @@ def attachment_delete(*, attachment: Attachment) -> None:
 
 @transaction.atomic
 def attachments_purge_unsent(*, older_than: timedelta | None = None) -> int:
-    """Delete uploads never sent within the TTL (abandoned composers)."""
+    """Delete uploads never sent within the TTL (abandoned composers), and stored images left
+    without any reference by deletes that bypassed conversation_delete (the admin, a deleted
+    user's conversations). Cheap enough to run on every upload."""
     if older_than is None:
         older_than = timedelta(hours=settings.IMAGE_UNSENT_TTL_HOURS)
     stale = Attachment.objects.filter(
         message__isnull=True, created_at__lt=timezone.now() - older_than
     )
-    image_ids = _image_ids_of(stale)
     _, deleted = stale.delete()
-    _delete_unreferenced(image_ids)
+    orphans = StoredImage.objects.filter(parts__isnull=True).exclude(
+        pk__in=Attachment.objects.values("thumbnail_id")
+    )
+    _delete_unreferenced(set(orphans.values_list("pk", flat=True)))
     return deleted.get(Attachment._meta.label, 0)

@@ -337,6 +337,23 @@ def test_unsent_uploads_expire(media_root, django_capture_on_commit_callbacks):
     assert stored_files(media_root) == []
 
 
+def test_images_orphaned_by_other_deletes_are_swept_on_the_next_upload(
+    media_root, django_capture_on_commit_callbacks
+):
+    user = user_create()
+    client = logged_in(user)
+    conversation = conversation_create(owner=user)
+    first = post_image(client, png(300, 200)).json()["id"]
+    turn_start(conversation=conversation, text="x", user=user, attachment_ids=[first])
+    conversation.delete()  # as the admin or a deleted user's cascade would
+    assert len(stored_files(media_root)) == 2
+    with django_capture_on_commit_callbacks(execute=True):
+        kept = post_image(client, png(500, 300)).json()["id"]
+    assert len(stored_files(media_root)) == 2
+    assert StoredImage.objects.count() == 2
+    assert logged_in(user).get(f"/attachments/{kept}/image/0/").status_code == 200
+
+
 # ---- request building ------------------------------------------------------------------------
 
 
