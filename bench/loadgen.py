@@ -118,9 +118,7 @@ async def run(plan: dict) -> None:
     loop = asyncio.get_running_loop()
     tokens = plan["tokens"]
     latencies: list[float] = []
-    headers = {"Origin": plan["origin"]}
-    if plan.get("cookie"):
-        headers["Cookie"] = plan["cookie"]
+    cookies = plan["cookies"]
     targets = plan["targets"]
     replies: list[Reply] = []
     sockets: list[ws.ClientProtocol | None] = []
@@ -128,6 +126,9 @@ async def run(plan: dict) -> None:
     failures: list[str] = []
 
     async def open_one(i: int, conversation_id: int) -> None:
+        headers = {"Origin": plan["origin"]}
+        if cookies[i]:
+            headers["Cookie"] = cookies[i]
         host, port = targets[i % len(targets)]
         reply = Reply(tokens, latencies)
         replies.append(reply)

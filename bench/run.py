@@ -40,7 +40,6 @@ class Shape:
     counts_files: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     seed: dict = field(default_factory=dict)
-    cookie: str = ""
     active: bool = True
     next_conversation: int = 0
     note: str = ""
@@ -49,12 +48,15 @@ class Shape:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int) -> tuple[list[int], list[str]]:
+        """-> (conversation ids, session cookies) for the next n sockets."""
         if self.name == "baseline":
-            return list(range(1, n + 1))
-        ids = self.seed["conversations"][self.next_conversation : self.next_conversation + n]
-        self.next_conversation += n
-        return ids
+            return list(range(1, n + 1)), [""] * n
+        start, self.next_conversation = self.next_conversation, self.next_conversation + n
+        return (
+            self.seed["conversations"][start : start + n],
+            self.seed["cookies"][start : start + n],
+        )
 
     def counts(self) -> dict:
         """Database statements so far, summed over the shape's processes (0 for the baseline)."""
@@ -169,27 +171,23 @@ def start_app(shape: Shape, *, processes: int, env: dict, workdir: Path, total: 
         shape.counts_files.append(counts)
     for port in shape.ports:
         wait_http(port)
-    import httpx
-
-    with httpx.Client(timeout=30) as client:
-        page.login(
-            client,
-            f"http://127.0.0.1:{shape.ports[0]}",
-            shape.seed["username"],
-            shape.seed["password"],
-        )
-        shape.cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
 
 
 def run_round(
-    shape: Shape, conversations: list[int], args, workdir: Path, label: str, upstream_pid: int
+    shape: Shape,
+    sockets: tuple[list[int], list[str]],
+    args,
+    workdir: Path,
+    label: str,
+    upstream_pid: int,
 ) -> dict:
     """One load round: open, measure idle, send at once, measure, close."""
+    conversations, cookies = sockets
     plan = {
         "targets": [["127.0.0.1", p] for p in shape.ports],
         "path": "/ws/conversations/{id}/",
         "conversations": conversations,
-        "cookie": shape.cookie,
+        "cookies": cookies,
         "origin": f"http://127.0.0.1:{shape.ports[0]}",
         "tokens": args.tokens,
         "open_timeout": 60 + 0.2 * len(conversations),
@@ -258,7 +256,8 @@ def history_probe(shape: Shape, args, workdir: Path, upstream_pid: int) -> dict:
     """Statements for one send on a 2-message and on a 500-message conversation."""
     out = {}
     for key in ("probe_small", "probe_large"):
-        result = run_round(shape, [shape.seed[key]], args, workdir, key, upstream_pid)
+        sockets = ([shape.seed[key]], [shape.seed[f"{key}_cookie"]])
+        result = run_round(shape, sockets, args, workdir, key, upstream_pid)
         out[key] = {
             "statements": result["db_statements_per_reply"],
             "writes": result["db_writes_per_reply"],

@@ -1,10 +1,10 @@
 """Prepare one shape's database for the benchmark (run with that shape's environment).
 
-`python -m bench.seed COUNT` creates the bench user, COUNT empty conversations on the fake
-upstream's model, and two history probes: a conversation with 2 earlier messages and one with
+`python -m bench.seed COUNT` creates the bench user (for the login form), COUNT users each with
+one empty conversation on the fake upstream's model and a session, and two history probes: a conversation with 2 earlier messages and one with
 500 (plus 50 images when the app stores attachments), so queries per send can be compared
-across conversation lengths. Prints {"username", "password", "conversations", "probe_small",
-"probe_large"} as JSON.
+across conversation lengths. Prints {"username", "password", "conversations", "cookies",
+"probe_small", "probe_large", ...} as JSON.
 """
 
 import json
@@ -77,11 +77,27 @@ def _images(conversation, count: int) -> int:
     return made
 
 
+def _session_cookie(user) -> str:
+    """A logged-in session for `user`, stored as django.contrib.auth.login stores it."""
+    from importlib import import_module
+
+    from django.conf import settings
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+
+    session = import_module(settings.SESSION_ENGINE).SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    return f"{settings.SESSION_COOKIE_NAME}={session.session_key}"
+
+
 def main() -> None:
     count = int(sys.argv[1])
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
     django.setup()
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
 
     from chatapp.model_catalog import catalog_sync
     from chatapp.models import Conversation, ModelConfig
@@ -92,21 +108,32 @@ def main() -> None:
     user, _ = User.objects.get_or_create(username=USERNAME)
     user.set_password(PASSWORD)
     user.save()
-    made = Conversation.objects.bulk_create(
-        Conversation(owner=user, model=model, title=f"bench {i}") for i in range(count)
+    # One user per conversation, as C people would be (a per-user rate limit applies to sends);
+    # their sessions are made here, as a login would, so no C password hashes are needed.
+    password = make_password(PASSWORD)
+    users = User.objects.bulk_create(
+        User(username=f"{USERNAME}{i}", password=password) for i in range(count + 2)
     )
-    small = Conversation.objects.create(owner=user, model=model, title="probe: short history")
+    made = Conversation.objects.bulk_create(
+        Conversation(owner=owner, model=model, title=f"bench {i}")
+        for i, owner in enumerate(users[:count])
+    )
+    small = Conversation.objects.create(owner=users[-2], model=model, title="probe: short")
     _history(small, 2, model)
-    large = Conversation.objects.create(owner=user, model=model, title="probe: long history")
+    large = Conversation.objects.create(owner=users[-1], model=model, title="probe: long")
     _history(large, LONG_HISTORY, model)
     images = _images(large, LONG_HISTORY_IMAGES)
+    cookies = [_session_cookie(u) for u in users]
     print(
         json.dumps(
             {
                 "username": USERNAME,
                 "password": PASSWORD,
                 "conversations": [c.pk for c in made],
+                "cookies": cookies[:count],
                 "probe_small": small.pk,
+                "probe_small_cookie": cookies[-2],
+                "probe_large_cookie": cookies[-1],
                 "probe_large": large.pk,
                 "probe_large_messages": LONG_HISTORY,
                 "probe_large_images": images,
