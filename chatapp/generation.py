@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from . import context_window, events, teams
+from . import checkpoints, context_window, events, teams
 from .conversations import (
     ClientError,
     history_for_request,
@@ -237,18 +237,9 @@ class Generation:
     # ---- persistence -------------------------------------------------------------------------
 
     async def _checkpointer(self) -> None:
-        """Save the partial reply at a bounded rate, so a crash loses at most one interval."""
-        saved_length = 0
-        while True:
-            await asyncio.sleep(settings.STREAM_CHECKPOINT_INTERVAL)
-            if len(self.sent_content) + len(self.sent_reasoning) != saved_length:
-                saved_length = len(self.sent_content) + len(self.sent_reasoning)
-                await database_sync_to_async(Message.objects.filter(pk=self.message_id).update)(
-                    content=self.sent_content,
-                    reasoning=self.sent_reasoning,
-                    seq=self.seq,
-                    updated_at=timezone.now(),
-                )
+        """Save the partial reply at a bounded rate, so a crash loses at most one interval
+        (batched with every other running reply of this process: chatapp/checkpoints.py)."""
+        await checkpoints.track(self)
 
     async def _finish(self, status: str, error: str, *tasks: asyncio.Task) -> None:
         listener, flusher, checkpointer = tasks
