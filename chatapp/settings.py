@@ -170,7 +170,7 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "chatapp.layers.LocalInMemoryChannelLayer"}}
 
 # Login throttling and rate limits count in the cache, so it must be shared by every process:
 # Redis when REDIS_URL is set, else a table in the database (`createcachetable`).
