@@ -36,6 +36,7 @@ from .conversations import ClientError, conversation_get_for_user
 
 log = logging.getLogger(__name__)
 
+UPLOAD_PATH = "/api/attachments/"
 # Multipart framing around the file: boundary lines and part headers.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -193,6 +194,34 @@ def attachment_image(request: HttpRequest, pk: int, part: int) -> HttpResponse:
     if found is None:
         raise Http404("No such image part.")
     return _image_response(found.image)
+
+
+def upload_size_guard(app):
+    """ASGI wrapper: refuse an upload whose declared size is over the limit before its body is
+    read (Django's ASGI handler spools the whole body before any view runs)."""
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == UPLOAD_PATH:
+            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+            limit = settings.IMAGE_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD
+            if declared.isdigit() and int(declared) > limit:
+                body = _too_large().content
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:

@@ -2,6 +2,7 @@
 views, deduplication and deleting files with their last reference."""
 
 import io
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -193,6 +194,35 @@ def test_too_large_upload_is_refused_with_the_limit(settings, media_root):
     assert "upload limit" in response.json()["message"]
     assert not Attachment.objects.exists()
     assert stored_files(media_root) == []
+
+
+async def test_an_oversized_upload_is_refused_before_its_body_is_read(settings):
+    from asgiref.testing import ApplicationCommunicator
+
+    from chatapp.asgi import application
+
+    settings.IMAGE_MAX_UPLOAD_BYTES = 1000
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/api/attachments/",
+        "raw_path": b"/api/attachments/",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"500000000")],
+    }
+    communicator = ApplicationCommunicator(application, scope)
+    # No body is ever sent: the answer must come from the declared length alone.
+    start = await communicator.receive_output(timeout=5)
+    body = await communicator.receive_output(timeout=5)
+    assert start["status"] == 413
+    assert "upload limit" in json.loads(body["body"])["message"]
+    await communicator.wait(timeout=5)
 
 
 def test_a_request_without_a_file_is_refused():
