@@ -216,3 +216,46 @@ async def test_the_page_shows_sent_images_in_the_users_message(fake_upstream):
     (shown,) = user_message["attachments"]
     assert shown["thumbnail_url"] == shot["thumbnail_url"]
     assert shown["label"].startswith("300×200 → 300×200, ")
+
+
+async def test_a_tall_screenshot_reaches_the_model_as_ordered_full_width_tiles(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    tall = await upload(user, f.encode(f.tall_screenshot(1080, 8000), "PNG"), "scroll.png")
+    assert " tiles " in tall["label"]
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await send(ws, "Summarise this page", [tall["id"]])
+    await ws.disconnect()
+
+    (request,) = fake_upstream.chat_requests()
+    parts = request.json["messages"][0]["content"][1:]
+    assert len(parts) == len(tall["part_urls"]) > 1
+    tiles = [decode_image_part(part).convert("RGB") for part in parts]
+    assert all(tile.width == 1080 for tile in tiles)  # legible: not squashed
+    top_bands = [f.band_of(tile.getpixel((2, 1))) for tile in tiles]
+    assert top_bands == sorted(top_bands) and top_bands[0] == 0
+    bottom = tiles[-1]
+    assert f.band_of(bottom.getpixel((2, bottom.height - 1))) == 7999 // 4
+
+
+async def test_earlier_images_become_a_note_for_a_model_that_cannot_see(fake_upstream, settings):
+    settings.OPENAI_COMPAT_MODELS = ["fake-model", "text-model:text"]
+    reset_catalog_cache()
+    await database_sync_to_async(catalog_sync)()
+    text_model = await ModelConfig.objects.aget(model_id="text-model")
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    shot = await upload(user, f.encode(f.screenshot(300, 200), "PNG"), "shot.png")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await send(ws, "what is this", [shot["id"]])
+    await ws.send_json_to({"type": "send", "text": "and now?", "model": text_model.pk})
+    await receive_until(ws, "reply.end")
+    await ws.disconnect()
+
+    second = fake_upstream.chat_requests()[1].json["messages"]
+    assert second[0] == {
+        "role": "user",
+        "content": "what is this\n\n[1 image not shown: this model cannot see images]",
+    }

@@ -96,7 +96,8 @@ export class ComposerImages {
     const who = names.length ? `Models that can see images: ${names.join(", ")}.` : "No model here can see images.";
     if (this.canSee()) {
       this.button.disabled = false;
-      this.note.textContent = "";
+      // Still the button's description (aria-describedby reads hidden text), just not shown.
+      this.note.textContent = who;
       this.note.hidden = true;
       this.button.title = `Attach images (or paste / drop them). ${who}`;
     } else {
