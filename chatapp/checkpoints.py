@@ -5,9 +5,16 @@ every reply that grew since its last save, every STREAM_CHECKPOINT_INTERVAL, in 
 database call (one trip to the database thread, one transaction, one connection). A crash
 loses at most one interval; database work grows with the number of running replies, never
 with their tokens, and 200 replies cost one thread hop per interval instead of 200.
+
+The same pass is every reply's heartbeat: a saved checkpoint renews the reply's lease, and a
+reply that did not grow gets its lease renewed at least three times per STREAM_LEASE_SECONDS
+(one UPDATE for all of them). Rows are only written while they are still streaming and owned by
+this process (reaper.PROCESS_ID).
 """
 
 import asyncio
+import logging
+import time
 import weakref
 from typing import Protocol
 
@@ -16,7 +23,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from . import reaper
 from .models import Message
+
+log = logging.getLogger(__name__)
 
 
 class Streaming(Protocol):
@@ -30,39 +40,59 @@ class _Checkpointer:
     def __init__(self) -> None:
         self.replies: dict[int, Streaming] = {}
         self.saved: dict[int, int] = {}
+        self.renewed: dict[int, float] = {}  # monotonic time of each reply's last lease renewal
         self.task: asyncio.Task | None = None
 
     def add(self, reply: Streaming) -> None:
         self.replies[reply.message_id] = reply
         self.saved[reply.message_id] = 0
+        self.renewed[reply.message_id] = time.monotonic()  # generation took the lease just now
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run(), name="reply-checkpoints")
 
     def discard(self, reply: Streaming) -> None:
         self.replies.pop(reply.message_id, None)
         self.saved.pop(reply.message_id, None)
+        self.renewed.pop(reply.message_id, None)
 
     async def _run(self) -> None:
+        renew_every = settings.STREAM_LEASE_SECONDS / 3
         while self.replies:
-            await asyncio.sleep(settings.STREAM_CHECKPOINT_INTERVAL)
-            batch = []
+            await asyncio.sleep(min(settings.STREAM_CHECKPOINT_INTERVAL, renew_every))
+            batch, renew = [], []
+            now = time.monotonic()
             for message_id, reply in list(self.replies.items()):
                 size = len(reply.sent_content) + len(reply.sent_reasoning)
                 if size != self.saved.get(message_id):
                     self.saved[message_id] = size
+                    self.renewed[message_id] = now
                     batch.append((message_id, reply.sent_content, reply.sent_reasoning, reply.seq))
-            if batch:
-                await database_sync_to_async(_save)(batch)
+                elif now - self.renewed.get(message_id, 0.0) >= renew_every:
+                    self.renewed[message_id] = now
+                    renew.append(message_id)
+            if batch or renew:
+                try:
+                    await database_sync_to_async(_save)(batch, renew)
+                except Exception:  # the database may be back before the leases run out
+                    log.exception("checkpoint of %d replies failed", len(batch) + len(renew))
 
 
-def _save(batch: list[tuple[int, str, str, int]]) -> None:
+def _save(batch: list[tuple[int, str, str, int]], renew: list[int]) -> None:
     now = timezone.now()
+    lease = reaper.lease_deadline()
+    # Only while still streaming and ours: the final save (or a reaper) must never be undone.
+    ours = Message.objects.filter(status=Message.Status.STREAMING, owner=reaper.PROCESS_ID)
     with transaction.atomic():
         for message_id, content, reasoning, seq in batch:
-            # Only while still streaming: the final save must never be overwritten.
-            Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
-                content=content, reasoning=reasoning, seq=seq, updated_at=now
+            ours.filter(pk=message_id).update(
+                content=content,
+                reasoning=reasoning,
+                seq=seq,
+                lease_expires_at=lease,
+                updated_at=now,
             )
+        if renew:
+            ours.filter(pk__in=renew).update(lease_expires_at=lease, updated_at=now)
 
 
 _per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Checkpointer]" = (

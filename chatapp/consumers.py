@@ -1,13 +1,31 @@
 """Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
 
-Client frames: {"type": "send", "text", "model"?, "attachments"?: [uploaded image ids]},
-{"type": "stop"}, {"type": "state"}, {"type": "regenerate", "message_id", "max_output_tokens"?}
-(Retry / Regenerate the last reply, optionally with a larger output budget).
-Server frames: "message" (the saved user message and the new reply), "delta" {message_id, seq,
-text|reasoning}, "reply.status" {text} (retrying, waiting in line), "reply.end" {message},
-"reply.replaced" {old_id, reply}, "state" {reply|null, last?} and "error" {code, message,
-message_id?}. "state" and "reply.end" also carry "context" {used, window, percent, budget,
-cache_hit_rate}: how full the context window is.
+Client frames:
+- {"type": "send", "text", "model"?, "attachments"?: [uploaded image ids]}: save the message
+  and start a reply.
+- {"type": "stop"}: stop the conversation's running reply, whichever process writes it.
+- {"type": "state"}: ask for a fresh "state" frame (the page does this when it sees a seq gap).
+- {"type": "regenerate", "message_id", "max_output_tokens"?}: Retry / Regenerate the last
+  reply, optionally with a larger output budget.
+- {"type": "ping"}: answered with {"type": "pong"}; the page sends it every ~25 s to find dead
+  connections (a closed laptop lid, a proxy that dropped the socket silently).
+
+Server frames:
+- "state" {reply: {message_id, seq, content, reasoning, status} | null, last?: message}: sent on
+  every connect and on request. `reply` is the running reply's exact text so far and its seq;
+  when nothing runs, `last` is the latest reply's final form (it may have ended while away).
+- "delta" {message_id, seq, text?, reasoning?}: the next slice of the running reply. After a
+  "state" frame this socket receives only deltas with seq > the state's seq, in order, each once:
+  append them. A seq that is not last seq + 1 can only follow a lost connection; ask for "state".
+- "message" {message, reply, title, client_id}: a user message was saved and its reply started.
+- "reply.status" {message_id, text}: e.g. "retrying (2/4)…" or waiting in line, before the
+  first token.
+- "reply.end" {message}: the reply's final form (complete / cancelled / error / interrupted).
+  It may arrive more than once for one reply (e.g. after a reconnect); render it by id.
+- "reply.replaced" {old_id, reply}: Retry / Regenerate replaced a reply with a new one.
+- "error" {code, message, message_id?}: a refused frame, or (with message_id) a reply's failure.
+"state" and "reply.end" also carry "context" {used, window, percent, budget, cache_hit_rate}:
+how full the context window is.
 """
 
 import json
@@ -36,6 +54,8 @@ CLOSE_FORBIDDEN = 4403
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     conversation = None
+    # Seq of the last "state" this socket was sent, per reply: deltas up to it are in the snapshot.
+    attached: dict[int, int]
 
     # ---- socket hooks ------------------------------------------------------------------------
 
@@ -52,7 +72,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.group = events.conversation_group(self.conversation.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.attached = {}
+        # Join before reading the state: every delta after the snapshot then reaches us (deltas
+        # that arrive meanwhile wait in our channel until send_state returns).
+        await events.conversation_join(self.conversation.pk, self.channel_name)
         self.user_group = events.user_group(user.pk)  # deactivation closes every socket
         await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
@@ -93,6 +116,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             "stop": self.handle_stop,
             "state": self.handle_state,
             "regenerate": self.handle_regenerate,
+            "ping": self.handle_ping,
         }.get(content.get("type"))
         if handler is None:
             raise ClientError("unknown_type", f"Unknown frame type {content.get('type')!r}.")
@@ -162,10 +186,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def handle_state(self, content: dict) -> None:
         await self.send_state()
 
+    async def handle_ping(self, content: dict) -> None:
+        await self.send_json({"type": "pong"})
+
     async def send_state(self) -> None:
         state = await generation.reply_state(conversation=self.conversation)
         frame = {"type": "state", "reply": state}
         frame["context"] = await context_window.acontext_for(self.conversation.pk)
+        if state is not None:
+            self.attached[state["message_id"]] = state["seq"]
         if state is None:
             # A reply may have ended while this socket was away: send its final form.
             last = await database_sync_to_async(last_reply)(self.conversation)
@@ -184,7 +213,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await super().dispatch(message)
 
     async def chat_frame(self, event: dict) -> None:
+        seq = event.get("seq")
+        if seq is not None and seq <= self.attached.get(event["message_id"], 0):
+            return  # already in the snapshot this socket was sent
         await self.send(text_data=event["text"])
 
     async def user_force_close(self, event: dict) -> None:
         await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def layer_probe(self, event: dict) -> None:
+        """Another socket joining this conversation checked its subscription: nothing to do."""

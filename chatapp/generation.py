@@ -6,6 +6,14 @@ Deltas are coalesced into one frame per STREAM_FLUSH_INTERVAL and numbered (seq)
 (re)attaches gets the text so far with its seq, then live deltas from seq+1. The database is
 written at the start, at most once per STREAM_CHECKPOINT_INTERVAL, and at the end; never per
 token.
+
+Crash safety: the reply's Message holds a lease (owner process, expiry) that the checkpointer
+renews as a heartbeat; if this process dies, any process's reaper (reaper.py) marks the reply
+interrupted once the lease runs out. A socket on another process gets the running reply's state
+by asking over the channel layer (events.ask_state); this task answers from memory.
+
+`Generation._save_final` is the one place a running reply reaches its terminal state (complete,
+cancelled, error, or interrupted at shutdown); the reaper covers replies whose process died.
 """
 
 import asyncio
@@ -18,7 +26,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from . import checkpoints, context_window, events, teams
+from . import checkpoints, context_window, events, reaper, teams
 from .conversations import (
     ClientError,
     history_for_request,
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 
 # Replies running in this process, by message id (for state snapshots and shutdown).
 RUNNING: dict[int, "Generation"] = {}
+
+# A provider asking us to wait longer than this is not retried: the user would stare at a spinner.
+MAX_RETRY_AFTER = 60.0
+
+STALLED_MESSAGE = "The model stopped sending data; the reply was ended."
 
 THINKING_BUDGET_MESSAGE = (
     "The model used its whole output budget while thinking, before writing an answer. "
@@ -76,6 +89,7 @@ class Generation:
         self.stop_requested = False
         self.started = time.monotonic()
         self.first_token_at: float | None = None
+        self.retries = 0
         self.task: asyncio.Task | None = None
         self._stream_task: asyncio.Task | None = None
 
@@ -99,10 +113,11 @@ class Generation:
     # ---- the task ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        await database_sync_to_async(reaper.reply_lease_take)(message_id=self.message_id)
         layer = get_channel_layer()
         stop_channel = await layer.new_channel()
         await layer.group_add(events.generation_group(self.message_id), stop_channel)
-        listener = asyncio.create_task(self._listen_for_stop(layer, stop_channel))
+        listener = asyncio.create_task(self._listen(layer, stop_channel))
         flusher = asyncio.create_task(self._flusher())
         checkpointer = asyncio.create_task(self._checkpointer())
         status, error = Message.Status.COMPLETE, ""
@@ -148,6 +163,9 @@ class Generation:
                 received = self.content or self.reasoning
                 if not exc.retryable or received or attempt > retries:
                     raise
+                if exc.retry_after and exc.retry_after > MAX_RETRY_AFTER:
+                    raise
+                self.retries = attempt
                 delay = retry_delay(attempt, exc.retry_after)
                 log.info("reply %s: %r, retry %s in %.1fs", self.message_id, exc, attempt, delay)
                 await events.broadcast(
@@ -161,25 +179,47 @@ class Generation:
                 await asyncio.sleep(delay)
 
     async def _stream_once(self) -> None:
-        async for item in self.client.stream(self.request):
-            if item.content or item.reasoning:
-                if self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                if item.reasoning:
-                    self.reasoning.append(item.reasoning)
-                    self._pending_reasoning.append(item.reasoning)
-                if item.content:
-                    self.content.append(item.content)
-                    self._pending_content.append(item.content)
-                self._has_pending.set()
-            if item.tool_calls:
-                self._merge_tool_calls(item.tool_calls)
-            if item.reasoning_details:
-                merge_reasoning_details(self.reasoning_details, item.reasoning_details)
-            if item.usage is not None:
-                self.usage = item.usage
-            if item.finish_reason:
-                self.finish_reason = item.finish_reason
+        # The stall guard is ours, whatever the provider client does: no item for this long
+        # (even if keep-alive bytes flow) ends the attempt.
+        stall = settings.UPSTREAM_STALL_TIMEOUT
+        stream = aiter(self.client.stream(self.request))
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(stall):
+                        item = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise ProviderError(
+                        STALLED_MESSAGE,
+                        retryable=True,
+                        code="upstream_stalled",
+                        detail=f"no data for {stall:g}s",
+                    ) from None
+                self._take(item)
+        finally:
+            await stream.aclose()
+
+    def _take(self, item) -> None:
+        if item.content or item.reasoning:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if item.reasoning:
+                self.reasoning.append(item.reasoning)
+                self._pending_reasoning.append(item.reasoning)
+            if item.content:
+                self.content.append(item.content)
+                self._pending_content.append(item.content)
+            self._has_pending.set()
+        if item.tool_calls:
+            self._merge_tool_calls(item.tool_calls)
+        if item.reasoning_details:
+            merge_reasoning_details(self.reasoning_details, item.reasoning_details)
+        if item.usage is not None:
+            self.usage = item.usage
+        if item.finish_reason:
+            self.finish_reason = item.finish_reason
 
     def _merge_tool_calls(self, deltas: list[dict]) -> None:
         for position, delta in enumerate(deltas):
@@ -227,18 +267,22 @@ class Generation:
             frame["reasoning"] = reasoning
         await events.broadcast(self.conversation_id, frame)
 
-    async def _listen_for_stop(self, layer, channel: str) -> None:
+    async def _listen(self, layer, channel: str) -> None:
+        """Stop requests and state requests from sockets on any process."""
         while True:
             message = await layer.receive(channel)
-            if message.get("type") == "generation.stop":
+            kind = message.get("type")
+            if kind == "generation.stop":
                 self.stop()
-                return
+            elif kind == "generation.state" and message.get("reply_to"):
+                await events.answer_state(message["reply_to"], self.state())
 
     # ---- persistence -------------------------------------------------------------------------
 
     async def _checkpointer(self) -> None:
-        """Save the partial reply at a bounded rate, so a crash loses at most one interval
-        (batched with every other running reply of this process: chatapp/checkpoints.py)."""
+        """Save the partial reply at a bounded rate, so a crash loses at most one interval, and
+        renew its lease (the heartbeat), batched with every other running reply of this process
+        (chatapp/checkpoints.py)."""
         await checkpoints.track(self)
 
     async def _finish(self, status: str, error: str, *tasks: asyncio.Task) -> None:
@@ -251,7 +295,12 @@ class Generation:
             await flusher
         except Exception:  # a failed last broadcast must not lose the save below
             log.exception("reply %s: last flush failed", self.message_id)
-        message = await database_sync_to_async(self._save_final)(status, error)
+        try:
+            message = await database_sync_to_async(self._save_final)(status, error)
+        except Message.DoesNotExist:  # deleted with its conversation while being written
+            RUNNING.pop(self.message_id, None)
+            log.info("reply %s: gone before its final save", self.message_id)
+            return
         RUNNING.pop(self.message_id, None)
         await events.broadcast(
             self.conversation_id,
@@ -263,7 +312,7 @@ class Generation:
         )
         log.info(
             "reply conversation=%s message=%s model=%s status=%s prompt=%s cached=%s "
-            "completion=%s ttft_ms=%s duration_ms=%d",
+            "completion=%s ttft_ms=%s duration_ms=%d retries=%d",
             self.conversation_id,
             self.message_id,
             self.model_name,
@@ -273,6 +322,7 @@ class Generation:
             self.usage.completion_tokens if self.usage else None,
             self.ttft_ms,
             (time.monotonic() - self.started) * 1000,
+            self.retries,
         )
 
     @property
@@ -290,6 +340,7 @@ class Generation:
         message.finish_reason = self.finish_reason or ""
         message.seq = self.seq
         message.time_to_first_token_ms = self.ttft_ms
+        message.lease_expires_at = None
         if self.tool_calls:
             message.tool_calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         if self.reasoning_details:
@@ -440,7 +491,21 @@ async def reply_state(*, conversation: Conversation) -> dict | None:
     local = RUNNING.get(message_id)
     if local is not None:
         return local.state()
+    row = await Message.objects.only("owner", "lease_expires_at").aget(pk=message_id)
+    if (
+        row.owner
+        and row.owner != reaper.PROCESS_ID
+        and row.lease_expires_at
+        and row.lease_expires_at > timezone.now()
+    ):
+        # Running on another process: it answers from memory with the exact text and seq.
+        state = await events.ask_state(message_id, timeout=settings.STREAM_STATE_TIMEOUT)
+        if state is not None:
+            return state
+    # Not answering (just ended, or its process died): the last checkpoint.
     message = await Message.objects.aget(pk=message_id)
+    if message.status != Message.Status.STREAMING:
+        return None
     return {
         "message_id": message.pk,
         "seq": message.seq,

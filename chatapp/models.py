@@ -207,12 +207,23 @@ class Message(models.Model):
     # Sequence number of the last delta broadcast for this reply (re-attach continues from it).
     seq = models.PositiveIntegerField(default=0)
     time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    # While streaming: the process writing the reply and until when it promised to be alive
+    # (renewed by its heartbeat). A reaper marks a reply whose lease ran out as interrupted.
+    owner = models.CharField(max_length=120, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["conversation", "created_at"])]
+        indexes = [
+            models.Index(fields=["conversation", "created_at"]),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=models.Q(status="streaming"),
+                name="message_streaming_lease",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk}"

@@ -162,11 +162,19 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
+# Keys and group names in Redis start with this: lets several installs (or test runs) share one
+# Redis, whose pub/sub and keys are not separated by the db index alone.
+CHANNEL_LAYER_PREFIX = env_str("CHANNEL_LAYER_PREFIX") or "chat"
 if REDIS_URL:
+    # Pub/sub, not the list-based layer: that one pops every message of a process from one
+    # shared Redis key, and a cancelled receive (any socket closing) can drop a message meant
+    # for another socket. Pub/sub delivers to every live subscriber and loses nothing on a
+    # healthy connection; the one race it has (a SUBSCRIBE not yet active when the next message
+    # is published) is closed by events.conversation_join's round trip.
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNEL_LAYER_PREFIX},
         }
     }
 else:
@@ -287,6 +295,12 @@ STREAM_CHECKPOINT_INTERVAL = env_float("STREAM_CHECKPOINT_INTERVAL", 1.0)
 UPSTREAM_MAX_RETRIES = env_int("UPSTREAM_MAX_RETRIES", 3)
 UPSTREAM_RETRY_BASE_DELAY = env_float("UPSTREAM_RETRY_BASE_DELAY", 0.5)
 DEMO_TOKENS_PER_SECOND = env_float("DEMO_TOKENS_PER_SECOND", 45.0)
+# A running reply renews its lease (owner process + expiry) on the message this often-ish; once
+# the lease has expired, any process's reaper marks the reply interrupted, keeping its text.
+STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0)
+REAPER_INTERVAL = env_float("REAPER_INTERVAL", 10.0)
+# How long a socket waits for another process to answer "what is this reply's text so far".
+STREAM_STATE_TIMEOUT = env_float("STREAM_STATE_TIMEOUT", 3.0)
 
 LOGGING = {
     "version": 1,

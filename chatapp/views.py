@@ -1,7 +1,6 @@
 """HTTP transport: the chat page and the few JSON endpoints it calls."""
 
 from django.contrib.auth.decorators import login_required
-from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -16,6 +15,7 @@ from .conversations import (
     conversation_messages,
     model_get_for_user,
 )
+from .health import health_status
 from .model_catalog import default_model_for, models_for_user
 
 
@@ -80,12 +80,7 @@ def conversation_new(request: HttpRequest) -> JsonResponse:
 
 
 @require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    status = {"database": "ok"}
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    except Exception as exc:  # report, do not raise: this is what the probe reads
-        status["database"] = f"error: {exc.__class__.__name__}"
+async def healthz(request: HttpRequest) -> JsonResponse:
+    status = await health_status()
     healthy = all(v == "ok" for v in status.values())
     return JsonResponse(status, status=200 if healthy else 503)

@@ -1,4 +1,6 @@
 import asyncio
+import os
+import uuid
 
 import pytest
 from channels.db import database_sync_to_async
@@ -7,12 +9,16 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import cache
 from django.test import Client
 
-from chatapp import generation
+from chatapp import generation, reaper
 from chatapp.asgi import application
 from chatapp.model_catalog import catalog_sync, reset_catalog_cache
 from tests.fake_upstream import FakeUpstream
 
 ORIGIN = (b"origin", b"http://127.0.0.1")
+
+# Redis pub/sub and keys are shared by every database index and every test run on the machine:
+# each run gets its own channel-layer prefix (daphne subprocesses are given the same one).
+CHANNEL_LAYER_PREFIX = f"test{os.getpid()}x{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +39,12 @@ def _test_settings(settings, request, tmp_path):
     settings.OPENAI_COMPAT_BASE_URL = ""
     settings.OPENAI_COMPAT_MODELS = []
     reset_catalog_cache()
-    channel_layers.backends.clear()  # a fresh in-memory layer per test
+    layer = settings.CHANNEL_LAYERS["default"]
+    if layer["BACKEND"].startswith("channels_redis"):
+        settings.CHANNEL_LAYERS = {
+            "default": {**layer, "CONFIG": {**layer["CONFIG"], "prefix": CHANNEL_LAYER_PREFIX}}
+        }
+    channel_layers.backends.clear()  # a fresh layer per test (and per event loop)
     if request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
         request.fixturenames
     ):
@@ -43,6 +54,8 @@ def _test_settings(settings, request, tmp_path):
         if running.task:
             running.task.cancel()
     generation.RUNNING.clear()
+    for task in list(reaper._tasks.values()):
+        task.cancel()
     reset_catalog_cache()
 
 

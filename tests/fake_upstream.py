@@ -9,6 +9,7 @@ default reply. A script can stream slowly, answer an HTTP error, stall, or drop 
 import asyncio
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -18,6 +19,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> dict:
@@ -39,6 +41,8 @@ class FakeResponse:
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "text/event-stream"})
     # bytes are written as they are; Pause waits; Drop aborts the connection.
     parts: list = field(default_factory=list)
+    # Seconds before the status line is sent (a server that accepts but does not answer).
+    head_delay: float = 0.0
 
 
 def sse(payload) -> bytes:
@@ -198,6 +202,8 @@ class FakeUpstream:
                 writer.close()
 
     async def _respond(self, writer: asyncio.StreamWriter, response: FakeResponse) -> None:
+        if response.head_delay:
+            await asyncio.sleep(response.head_delay)
         head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}"]
         head += [f"{k}: {v}" for k, v in response.headers.items()]
         # Chunked framing: a dropped connection is then an error to the client, not a clean end.
