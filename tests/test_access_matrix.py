@@ -289,6 +289,7 @@ ACTIONS = {
     "stop": (lambda w: {"type": "stop"}, "error"),
     "state": (lambda w: {"type": "state"}, "state"),
     "regenerate": (lambda w: {"type": "regenerate", "message_id": w["reply"].pk}, "reply.replaced"),
+    "ping": (lambda w: {"type": "ping"}, "pong"),
 }
 
 
