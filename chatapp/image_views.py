@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.views.csrf import csrf_failure as default_csrf_failure
 from django.views.decorators.http import require_GET, require_http_methods
 
@@ -67,6 +68,10 @@ def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes]:
         model_id = request.POST.get("model") or ""
     except RequestDataTooBig:
         raise ClientError("too_large", "The upload is too large.") from None
+    except (MultiPartParserError, SuspiciousOperation):
+        raise ClientError(
+            "bad_upload", "The upload could not be read (a malformed form). Try again."
+        ) from None
     if upload is None:
         raise ClientError("no_file", "Choose an image to upload (the form field is “file”).")
     if upload.size > settings.IMAGE_MAX_UPLOAD_BYTES:
@@ -76,14 +81,23 @@ def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes]:
 
 
 def _process(data: bytes, max_edge: int) -> images.ProcessedUpload:
-    return images.process_upload(
-        data,
-        max_upload_bytes=settings.IMAGE_MAX_UPLOAD_BYTES,
-        max_pixels=settings.IMAGE_MAX_PIXELS,
-        max_edge=max_edge,
-        max_output_bytes=settings.IMAGE_MAX_OUTPUT_BYTES,
-        max_tiles=settings.IMAGE_MAX_TILES,
-    )
+    try:
+        return images.process_upload(
+            data,
+            max_upload_bytes=settings.IMAGE_MAX_UPLOAD_BYTES,
+            max_pixels=settings.IMAGE_MAX_PIXELS,
+            max_edge=max_edge,
+            max_output_bytes=settings.IMAGE_MAX_OUTPUT_BYTES,
+            max_tiles=settings.IMAGE_MAX_TILES,
+        )
+    except images.ImageError:
+        raise
+    except Exception as exc:
+        # A decoder failure the pipeline did not foresee is still the file's fault, not a 500.
+        log.exception("image pipeline failed")
+        raise images.ImageError(
+            f"This file could not be read as an image. Upload {images.ACCEPTED_TYPES_TEXT}."
+        ) from exc
 
 
 def _resolve_target(user, conversation_id: str, model_id: str):
@@ -134,14 +148,6 @@ async def upload(request: HttpRequest) -> JsonResponse:
         return _error(400, "bad_image", str(exc))
     except Http404:
         return _error(404, "not_found", "No such conversation.")
-    except Exception:
-        # A decoder failure we did not foresee is still the file's fault, not a 500.
-        log.exception("image upload failed")
-        return _error(
-            400,
-            "bad_image",
-            f"This file could not be read as an image. Upload {images.ACCEPTED_TYPES_TEXT}.",
-        )
     return JsonResponse(attachment, status=201)
 
 

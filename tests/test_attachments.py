@@ -231,6 +231,17 @@ def test_a_request_without_a_file_is_refused():
     assert "Choose an image" in response.json()["message"]
 
 
+def test_a_malformed_multipart_body_is_a_400_not_a_500():
+    response = logged_in(user_create()).post(
+        UPLOAD,
+        data=b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n',
+        content_type="multipart/form-data; boundary=",
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "bad_upload"
+    assert not Attachment.objects.exists()
+
+
 def test_an_unexpected_decoder_failure_is_a_400_not_a_500(monkeypatch, media_root):
     def explode(*args, **kwargs):
         raise OSError("decoder broke")
