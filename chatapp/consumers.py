@@ -7,6 +7,8 @@ Client frames:
 - {"type": "state"}: ask for a fresh "state" frame (the page does this when it sees a seq gap).
 - {"type": "regenerate", "message_id", "max_output_tokens"?}: Retry / Regenerate the last
   reply, optionally with a larger output budget.
+- {"type": "edit", "message_id", "text"}: change an earlier user message; every later message
+  is dropped and a new reply is written to the edited one.
 - {"type": "ping"}: answered with {"type": "pong"}; the page sends it every ~25 s to find dead
   connections (a closed laptop lid, a proxy that dropped the socket silently).
 
@@ -23,6 +25,7 @@ Server frames:
 - "reply.end" {message}: the reply's final form (complete / cancelled / error / interrupted).
   It may arrive more than once for one reply (e.g. after a reconnect); render it by id.
 - "reply.replaced" {old_id, reply}: Retry / Regenerate replaced a reply with a new one.
+- "message.edited" {message, reply}: an edit; every message after `message` is gone.
 - "error" {code, message, message_id?}: a refused frame, or (with message_id) a reply's failure.
 "state" and "reply.end" also carry "context" {used, window, percent, budget, cache_hit_rate}:
 how full the context window is.
@@ -117,6 +120,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             "state": self.handle_state,
             "regenerate": self.handle_regenerate,
             "ping": self.handle_ping,
+            "edit": self.handle_edit,
         }.get(content.get("type"))
         if handler is None:
             raise ClientError("unknown_type", f"Unknown frame type {content.get('type')!r}.")
@@ -177,6 +181,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await events.broadcast(
             conversation.pk,
             {"type": "reply.replaced", "old_id": reply_id, "reply": message_to_dict(reply)},
+        )
+
+    async def handle_edit(self, content: dict) -> None:
+        message_id, text = content.get("message_id"), content.get("text")
+        if not isinstance(message_id, int):
+            raise ClientError("bad_frame", "Say which message to edit (message_id).")
+        if not isinstance(text, str) or not text.strip():
+            raise ClientError("empty", "Type a message first.")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ClientError(
+                "too_long", f"Messages are limited to {MAX_MESSAGE_CHARS:,} characters."
+            )
+        conversation = await database_sync_to_async(conversation_get_for_user)(
+            self.scope["user"], self.conversation.pk
+        )
+        message, reply = await generation.reply_edit(
+            conversation=conversation, message_id=message_id, text=text
+        )
+        await events.broadcast(
+            conversation.pk,
+            {
+                "type": "message.edited",
+                "message": message_to_dict(message),
+                "reply": message_to_dict(reply),
+            },
         )
 
     async def handle_stop(self, content: dict) -> None:

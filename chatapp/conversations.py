@@ -131,6 +131,31 @@ def turn_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
     return reply
 
 
+@transaction.atomic
+def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tuple[Message, Message]:
+    """Change an earlier user message, drop every later turn and start a new reply to it.
+
+    The provider's prefix cache is lost from this message on (the page warns before sending).
+    """
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if locked.messages.filter(status=Message.Status.STREAMING).exists():
+        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    message = locked.messages.filter(pk=message_id, role=Message.Role.USER).first()
+    if message is None:
+        raise ClientError("not_found", "That message is not in this conversation.")
+    locked.messages.filter(id__gt=message.pk).delete()
+    message.content = text
+    message.save(update_fields=["content", "updated_at"])
+    reply = Message.objects.create(
+        conversation=locked,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=conversation.model,
+    )
+    locked.save(update_fields=["updated_at"])
+    return message, reply
+
+
 def history_for_request(conversation: Conversation, *, before: Message) -> list[dict]:
     """The OpenAI message list for a reply: system prompt, then every earlier turn as stored.
 

@@ -31,6 +31,7 @@ from .conversations import (
     ClientError,
     history_for_request,
     message_to_dict,
+    turn_edit,
     turn_regenerate,
     turn_start,
 )
@@ -414,6 +415,18 @@ async def reply_regenerate(
     )
     await _reply_begin(conversation=conversation, reply=reply)
     return reply
+
+
+async def reply_edit(
+    *, conversation: Conversation, message_id: int, text: str
+) -> tuple[Message, Message]:
+    """Replace an earlier user message (and every later turn) and write a new reply to it."""
+    _check_model(conversation)
+    message, reply = await database_sync_to_async(turn_edit)(
+        conversation=conversation, message_id=message_id, text=text
+    )
+    await _reply_begin(conversation=conversation, reply=reply)
+    return message, reply
 
 
 async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generation:

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import account_views, image_views, views
+from . import account_views, image_views, library_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -20,6 +20,32 @@ urlpatterns = [
         "attachments/<int:pk>/image/<int:part>/",
         image_views.attachment_image,
         name="attachment-image",
+    ),
+    path("api/conversations/search", library_views.conversation_search, name="conversation-search"),
+    path(
+        "api/conversations/<int:pk>/rename",
+        library_views.conversation_rename,
+        name="conversation-rename",
+    ),
+    path(
+        "api/conversations/<int:pk>/settings",
+        library_views.conversation_settings,
+        name="conversation-settings",
+    ),
+    path(
+        "api/conversations/<int:pk>/delete",
+        library_views.conversation_delete,
+        name="conversation-delete",
+    ),
+    path(
+        "c/<int:pk>/export.md",
+        library_views.conversation_export_markdown,
+        name="conversation-export-md",
+    ),
+    path(
+        "c/<int:pk>/export.json",
+        library_views.conversation_export_json,
+        name="conversation-export-json",
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path(

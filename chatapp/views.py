@@ -16,6 +16,7 @@ from .conversations import (
     model_get_for_user,
 )
 from .health import health_status
+from .library import conversation_settings_to_dict, model_to_dict
 from .model_catalog import default_model_for, models_for_user
 
 
@@ -35,10 +36,8 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
             ),
             "messages": conversation_messages(conversation) if conversation else [],
             "context": context_state(conversation) if conversation else None,
-            "models": [
-                {"id": m.pk, "name": m.display_name, "vision": m.vision, "demo": m.is_demo}
-                for m in models
-            ],
+            "models": [model_to_dict(m) for m in models],
+            "settings": conversation_settings_to_dict(conversation) if conversation else None,
         },
     }
     return render(request, "chatapp/chat.html", context)

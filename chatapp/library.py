@@ -1,0 +1,229 @@
+"""A user's conversation library: search, rename, per-conversation settings, delete, export.
+
+Services take a conversation already resolved through `conversation_get_for_user` (the views do
+that) and raise ClientError for input the user must correct. Synchronous ORM code.
+"""
+
+import json
+from decimal import Decimal
+
+from django.db.models import Q
+
+from .conversations import ClientError, conversation_messages, model_get_for_user
+from .models import Conversation, Message, ModelConfig, Provider
+from .providers.openai_compat import MOONSHOT_FIXED_SAMPLING_MODELS
+
+SEARCH_LIMIT = 50
+SNIPPET_CHARS = 120
+SYSTEM_PROMPT_MAX = 20_000
+MAX_OUTPUT_TOKENS_MAX = 1_000_000
+# Moonshot fixes Kimi's sampling by mode and rejects any other temperature (KIMI-PROTOCOL.md).
+KIMI_FIXED_TEMPERATURE = {"thinking": 1.0, "instant": 0.6}
+
+
+def fixed_temperature(model: ModelConfig | None) -> dict | None:
+    """{"thinking": t, "instant": t} when the provider locks temperature, else None."""
+    if model is None:
+        return None
+    if model.provider.kind == Provider.Kind.MOONSHOT and model.model_id.startswith(
+        MOONSHOT_FIXED_SAMPLING_MODELS
+    ):
+        return dict(KIMI_FIXED_TEMPERATURE)
+    return None
+
+
+def model_to_dict(model: ModelConfig) -> dict:
+    """What the page needs to draw the model picker and the settings dialog."""
+    return {
+        "id": model.pk,
+        "name": model.display_name,
+        "vision": model.vision,
+        "demo": model.is_demo,
+        "reasoning": model.reasoning,
+        "fixed_temperature": fixed_temperature(model),
+    }
+
+
+def conversation_settings_to_dict(conversation: Conversation) -> dict:
+    return {
+        "model": conversation.model_id,
+        "system_prompt": conversation.system_prompt,
+        "max_output_tokens": conversation.max_output_tokens,
+        "thinking": conversation.thinking,
+        "temperature": conversation.temperature,
+    }
+
+
+def conversation_search(*, user, query: str) -> list[dict]:
+    """The user's conversations whose title or any message contains `query` (newest first)."""
+    query = " ".join(query.split())
+    if not query:
+        return []
+    matches = (
+        Conversation.objects.filter(owner=user)
+        .filter(Q(title__icontains=query) | Q(messages__content__icontains=query))
+        .distinct()
+        .only("id", "title", "updated_at")[:SEARCH_LIMIT]
+    )
+    results = []
+    for conversation in matches:
+        snippet = ""
+        if query.lower() not in conversation.title.lower():
+            message = (
+                conversation.messages.filter(content__icontains=query)
+                .only("content")
+                .order_by("id")
+                .first()
+            )
+            if message is not None:
+                snippet = _snippet(message.content, query)
+        results.append({"id": conversation.pk, "title": conversation.title, "snippet": snippet})
+    return results
+
+
+def _snippet(text: str, query: str) -> str:
+    at = text.lower().find(query.lower())
+    start = max(0, at - SNIPPET_CHARS // 3)
+    piece = " ".join(text[start : start + SNIPPET_CHARS].split())
+    return ("…" if start else "") + piece + ("…" if start + SNIPPET_CHARS < len(text) else "")
+
+
+def conversation_rename(*, conversation: Conversation, title: str) -> Conversation:
+    title = " ".join((title or "").split())
+    if not title:
+        raise ClientError("empty_title", "Give the conversation a name.")
+    max_length = Conversation._meta.get_field("title").max_length
+    if len(title) > max_length:
+        raise ClientError("title_too_long", f"Names are limited to {max_length} characters.")
+    conversation.title = title
+    conversation.save(update_fields=["title", "updated_at"])
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete the conversation and its messages."""
+    conversation.delete()
+
+
+def conversation_update_settings(
+    *,
+    conversation: Conversation,
+    user,
+    model_id,
+    system_prompt: str,
+    max_output_tokens: str | int | None,
+    thinking: str | bool | None,
+    temperature: str | float | None,
+) -> Conversation:
+    """Validate and store the request settings; blank values mean the provider's default."""
+    model = model_get_for_user(user, model_id) if model_id not in (None, "") else None
+    if model is None:
+        model = conversation.model
+    system_prompt = (system_prompt or "").strip()
+    if len(system_prompt) > SYSTEM_PROMPT_MAX:
+        raise ClientError(
+            "system_prompt_too_long",
+            f"The system prompt is limited to {SYSTEM_PROMPT_MAX:,} characters.",
+        )
+    tokens = _optional_int(max_output_tokens, "max_output_tokens", "Max output tokens")
+    if tokens is not None and not 1 <= tokens <= MAX_OUTPUT_TOKENS_MAX:
+        raise ClientError(
+            "bad_max_output_tokens",
+            f"Max output tokens must be between 1 and {MAX_OUTPUT_TOKENS_MAX:,}.",
+        )
+    thinking_value = _optional_bool(thinking)
+    if model is None or not model.reasoning:
+        thinking_value = None  # the model has no thinking switch
+    temp = _optional_float(temperature, "Temperature")
+    if temp is not None and fixed_temperature(model) is not None:
+        raise ClientError(
+            "temperature_locked",
+            f"{model.display_name} sets its own temperature; it cannot be changed here.",
+        )
+    if temp is not None and not 0 <= temp <= 2:
+        raise ClientError("bad_temperature", "Temperature must be between 0 and 2.")
+    conversation.model = model
+    conversation.system_prompt = system_prompt
+    conversation.max_output_tokens = tokens
+    conversation.thinking = thinking_value
+    conversation.temperature = temp
+    conversation.save(
+        update_fields=[
+            "model",
+            "system_prompt",
+            "max_output_tokens",
+            "thinking",
+            "temperature",
+            "updated_at",
+        ]
+    )
+    return conversation
+
+
+def _optional_int(value, code: str, label: str) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ClientError(f"bad_{code}", f"{label} must be a whole number.") from None
+
+
+def _optional_float(value, label: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ClientError("bad_temperature", f"{label} must be a number.") from None
+
+
+def _optional_bool(value) -> bool | None:
+    if value in (None, "", "default"):
+        return None
+    if isinstance(value, bool):
+        return value
+    return str(value).lower() in ("1", "true", "on", "yes")
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+
+def conversation_export_json(conversation: Conversation) -> str:
+    """Everything needed to read or re-import the conversation, as stable, indented JSON."""
+    document = {
+        "format": "kimichat.conversation.v1",
+        "id": conversation.pk,
+        "title": conversation.title,
+        "model": conversation.model.display_name if conversation.model else None,
+        "created_at": conversation.created_at.isoformat(),
+        "updated_at": conversation.updated_at.isoformat(),
+        "settings": conversation_settings_to_dict(conversation),
+        "messages": conversation_messages(conversation),
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot export {type(value).__name__}")
+
+
+def conversation_export_markdown(conversation: Conversation) -> str:
+    lines = [f"# {conversation.title or 'Untitled conversation'}", ""]
+    if conversation.model:
+        lines += [f"Model: {conversation.model.display_name}", ""]
+    if conversation.system_prompt:
+        lines += ["## System prompt", "", conversation.system_prompt, ""]
+    for message in conversation.messages.select_related("model"):
+        who = "You" if message.role == Message.Role.USER else "Assistant"
+        lines += [f"## {who}", ""]
+        if message.reasoning:
+            quoted = "\n".join("> " + line for line in message.reasoning.splitlines())
+            lines += ["> **Thinking**", ">", quoted, ""]
+        if message.content:
+            lines += [message.content, ""]
+        if message.error:
+            lines += [f"*Error: {message.error}*", ""]
+    return "\n".join(lines).rstrip() + "\n"
