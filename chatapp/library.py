@@ -11,7 +11,7 @@ from django.db.models import Q
 
 from .conversations import ClientError, conversation_messages, model_get_for_user
 from .models import Conversation, Message, ModelConfig, Provider
-from .providers.openai_compat import MOONSHOT_FIXED_SAMPLING_MODELS
+from .providers.moonshot import FIXED_SAMPLING_MODELS
 
 SEARCH_LIMIT = 50
 SNIPPET_CHARS = 120
@@ -26,7 +26,7 @@ def fixed_temperature(model: ModelConfig | None) -> dict | None:
     if model is None:
         return None
     if model.provider.kind == Provider.Kind.MOONSHOT and model.model_id.startswith(
-        MOONSHOT_FIXED_SAMPLING_MODELS
+        FIXED_SAMPLING_MODELS
     ):
         return dict(KIMI_FIXED_TEMPERATURE)
     return None

@@ -3,8 +3,9 @@
 import { Marked } from "../vendor/marked/marked.esm.js";
 import DOMPurify from "../vendor/dompurify/purify.es.mjs";
 import hljs from "../vendor/highlight/highlight.min.js";
+import { mathExtension, typesetMath } from "./math.js";
 
-const marked = new Marked({ gfm: true, breaks: false });
+const marked = new Marked({ gfm: true, breaks: false }, mathExtension);
 
 const PURIFY = {
   FORBID_TAGS: ["img", "picture", "source", "video", "audio", "iframe", "frame", "object",
@@ -31,34 +32,45 @@ export function markdownToFragment(text) {
     if (lang && hljs.getLanguage(lang.slice(9))) {
       hljs.highlightElement(code);
     }
-    addCopyButton(code.parentElement);
+    addCopyButton(code.parentElement, lang ? lang.slice(9) : "");
   }
   return fragment;
 }
 
-function addCopyButton(pre) {
+function addCopyButton(pre, lang) {
+  const bar = document.createElement("div");
+  bar.className = "code-bar";
+  const label = document.createElement("span");
+  label.textContent = lang;
   const button = document.createElement("button");
   button.type = "button";
   button.className = "copy-code";
   button.textContent = "Copy";
-  button.setAttribute("aria-label", "Copy code");
+  button.setAttribute("aria-label", lang ? `Copy ${lang} code` : "Copy code");
+  bar.append(label, button);
   pre.classList.add("has-copy");
-  pre.prepend(button);
+  pre.prepend(bar);
 }
 
 export function renderInto(element, text) {
   element.replaceChildren(markdownToFragment(text));
+  typesetMath(element);
 }
 
-document.addEventListener("click", async (event) => {
-  const button = event.target.closest("button.copy-code");
-  if (!button) return;
-  const code = button.parentElement.querySelector("code");
+export async function copyText(button, text) {
+  const idle = button.textContent;
   try {
-    await navigator.clipboard.writeText(code ? code.innerText : "");
+    await navigator.clipboard.writeText(text);
     button.textContent = "Copied";
   } catch {
     button.textContent = "Copy failed";
   }
-  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  setTimeout(() => { button.textContent = idle; }, 1500);
+}
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button.copy-code");
+  if (!button) return;
+  const code = button.closest("pre").querySelector("code");
+  copyText(button, code ? code.textContent : "");
 });

@@ -1,0 +1,220 @@
+"""The real app in real headless Chromium.
+
+A session starts daphne on a free port as a subprocess, after `migrate` into a temporary SQLite
+file and `collectstatic` into a temporary STATIC_ROOT, with the OpenAI-compatible provider
+pointed at the fake upstream that runs in this process (tests script it per scenario). Tests
+drive the page only through what a person sees: roles, labels and text. Each scenario saves a
+screenshot under test-artifacts/.
+
+Without /usr/bin/chromium the tests are skipped locally, but fail when CI is set.
+"""
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+PASSWORD = "browser-test-pw-123"
+USERS = 24  # one fresh account per scenario, made in one go at start-up
+# Generous: two cores shared with other jobs; never a statement about speed.
+TIMEOUT_MS = 20_000
+
+_next_user = itertools.count(1)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/browser/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    if not CHROMIUM.exists():
+        message = f"Chromium not found at {CHROMIUM} (install the Debian package `chromium`)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI is set, so browser tests must run.", pytrace=False)
+        pytest.skip(message + "; browser tests skipped locally (set CI=true to make this fail).")
+    return str(CHROMIUM)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _manage(env: dict, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def app_server(_upstream_server, chromium_path):
+    """Base URL of a real daphne serving the app, its provider being the fake upstream."""
+    tmp = Path(tempfile.mkdtemp(prefix="kimichat-browser-"))
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "MOONSHOT_API_KEY")
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="chatapp.settings",
+        DATA_DIR=str(tmp / "data"),
+        SQLITE_PATH=str(tmp / "data" / "db.sqlite3"),
+        STATIC_ROOT=str(tmp / "static"),
+        DEBUG="false",
+        SECURE_HTTPS="false",
+        OPENAI_COMPAT_BASE_URL=_upstream_server.base_url,
+        OPENAI_COMPAT_API_KEY="test-key",
+        OPENAI_COMPAT_MODELS="fake-model",
+        UPSTREAM_MAX_RETRIES="0",
+        STREAM_CHECKPOINT_INTERVAL="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    _manage(env, "migrate", "--noinput")
+    _manage(env, "collectstatic", "--noinput")
+    make_users = (
+        "from django.contrib.auth import get_user_model\n"
+        "U = get_user_model()\n"
+        f"for i in range(1, {USERS + 1}):\n"
+        f"    U.objects.create_user(username=f'person{{i}}', password={PASSWORD!r})\n"
+    )
+    _manage(env, "shell", "-c", make_users)
+    port = _free_port()
+    log = open(tmp / "daphne.log", "wb")  # noqa: SIM115 (kept open for the server's life)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "chatapp.asgi:application",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(base_url + "/healthz", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("daphne did not start:\n" + (tmp / "daphne.log").read_text()[-3000:])
+        time.sleep(0.3)
+    yield base_url
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(tmp / "daphne.log", ARTIFACTS / "daphne.log")  # for reading after a failure
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def upstream(_upstream_server):
+    _upstream_server.reset()
+    yield _upstream_server
+    _upstream_server.reset()
+
+
+@pytest.fixture
+def context_options() -> dict:
+    return {}
+
+
+@pytest.fixture
+def context(browser, app_server, context_options):
+    context = browser.new_context(
+        base_url=app_server,
+        viewport={"width": 1280, "height": 820},
+        **context_options,
+    )
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app_server)
+    context.set_default_timeout(TIMEOUT_MS)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(context):
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.js_errors = errors
+    yield page
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def log_in(page, username: str | None = None):
+    """Log in through the form, as a person would; returns the username."""
+    username = username or f"person{next(_next_user)}"
+    page.goto("/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()  # the page has started
+    return username
+
+
+@pytest.fixture
+def person(page, upstream):
+    """A fresh account, logged in, on an empty chat page."""
+    return log_in(page)
+
+
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path
