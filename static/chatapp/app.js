@@ -1,7 +1,7 @@
 // The chat page: history, the composer, the live reply, and what acts on messages (copy, edit,
 // regenerate, retry). The sidebar, settings, theme and dialogs live in their own modules.
 import { ComposerImages, renderMessageImages } from "./attachments.js";
-import { largerBudget, showContext } from "./context.js";
+import { editWarning, largerBudget, showContext } from "./context.js";
 import { confirmDialog } from "./dialogs.js";
 import { postForm } from "./http.js";
 import { addToList, focusSearch, setDrawer, setListTitle, setupLibrary, showConversation } from "./library.js";
@@ -384,7 +384,8 @@ function startEdit(id) {
     if (later) {
       const sure = await confirmDialog({
         title: "Edit and resend?",
-        body: `The ${later === 1 ? "reply" : `${later} later messages`} after this message will be replaced. The provider's prefix cache is lost from this point, so the next reply re-reads the conversation from here at the full input price.`,
+        body: `The ${later === 1 ? "reply" : `${later} later messages`} after this message will be replaced. ` +
+          (editWarning() || "The provider's prefix cache is lost from this point, so the next reply re-reads the conversation from here at the full input price."),
         ok: "Replace and send",
       });
       if (!sure) return;

@@ -25,3 +25,8 @@ export function largerBudget() {
   const room = current ? current.window - current.used - 1024 : Infinity;
   return Math.max(256, Math.min(Math.max(budget * 2, 16384), room));
 }
+
+// The server's warning that an edit drops the cached prefix ("" when nothing is cached yet).
+export function editWarning() {
+  return (current && current.edit_warning) || "";
+}

@@ -31,6 +31,10 @@ export function setupLibrary(options) {
   $("menu-toggle").addEventListener("click", () => setMenu($("menu-items").hidden));
   document.addEventListener("click", (event) => {
     if (!$("conversation-menu").contains(event.target)) setMenu(false);
+    const drawerOpen = $("layout").classList.contains("drawer-open");
+    if (drawerOpen && !$("sidebar").contains(event.target) && !$("sidebar-open").contains(event.target)) {
+      setDrawer(false); // a tap beside the drawer closes it
+    }
   });
   $("conversation-menu").addEventListener("keydown", (event) => {
     if (event.key === "Escape" && !$("menu-items").hidden) {

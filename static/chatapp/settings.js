@@ -1,6 +1,7 @@
 // The per-conversation settings dialog: system prompt, max output tokens, thinking (only for
 // models that reason) and temperature (only where the provider allows it: Kimi on Moonshot fixes
 // it by mode, so the dialog shows the fixed values instead of a slider the provider would reject).
+import { editWarning } from "./context.js";
 import { confirmDialog } from "./dialogs.js";
 import { postForm } from "./http.js";
 
@@ -74,7 +75,7 @@ async function onSubmit(event) {
     $("settings-dialog").close();
     const sure = await confirmDialog({
       title: "Change the system prompt?",
-      body: "The provider's cached prefix will be lost: the next reply re-reads the whole conversation at the full input price.",
+      body: editWarning() || "The provider's cached prefix will be lost: the next reply re-reads the whole conversation at the full input price.",
       ok: "Change it",
     });
     if (!sure) return;

@@ -42,10 +42,17 @@ TIMEOUT_MS = 20_000
 _next_user = itertools.count(1)
 
 
+def _is_browser_test(item) -> bool:
+    return "tests/browser/" in str(item.fspath).replace(os.sep, "/")
+
+
 def pytest_collection_modifyitems(items):
+    # Last: sync Playwright keeps an event loop running in this thread while it is open, which
+    # async tests cannot share; it is closed when the browser module ends (module scope).
     for item in items:
-        if "tests/browser/" in str(item.fspath).replace(os.sep, "/"):
+        if _is_browser_test(item):
             item.add_marker(pytest.mark.browser)
+    items.sort(key=_is_browser_test)
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +157,7 @@ def app_server(_upstream_server, chromium_path):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -216,5 +223,5 @@ def person(page, upstream):
 def screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=False)
+    page.screenshot(path=str(path), full_page=False, animations="disabled")
     return path
