@@ -9,8 +9,10 @@ from decimal import Decimal
 
 from django.db.models import Q
 
+from . import attachments
 from .conversations import ClientError, conversation_messages, model_get_for_user
-from .models import Conversation, Message, ModelConfig, Provider
+from .images import data_url
+from .models import Attachment, Conversation, Message, ModelConfig, Provider
 from .providers.moonshot import FIXED_SAMPLING_MODELS
 
 SEARCH_LIMIT = 50
@@ -101,8 +103,8 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
 
 
 def conversation_delete(*, conversation: Conversation) -> None:
-    """Delete the conversation and its messages."""
-    conversation.delete()
+    """Delete the conversation, its messages and the image files nothing else references."""
+    attachments.conversation_delete(conversation=conversation)
 
 
 def conversation_update_settings(
@@ -201,7 +203,25 @@ def conversation_export_json(conversation: Conversation) -> str:
         "settings": conversation_settings_to_dict(conversation),
         "messages": conversation_messages(conversation),
     }
+    images = _attachment_data_urls(conversation)
+    for message in document["messages"]:
+        for attachment in message.get("attachments") or []:
+            attachment["data_urls"] = images.get(attachment["id"], [])
     return json.dumps(document, ensure_ascii=False, indent=2, default=_json_default)
+
+
+def _attachment_data_urls(conversation: Conversation) -> dict[int, list[str]]:
+    """attachment id -> its sent image parts as data URLs, in order (the export is standalone)."""
+    found: dict[int, list[str]] = {}
+    sent = Attachment.objects.filter(conversation=conversation, message__isnull=False)
+    for attachment in sent.prefetch_related("parts__image"):
+        urls = []
+        for part in sorted(attachment.parts.all(), key=lambda p: p.index):
+            data = attachments.read_image(part.image)
+            if data is not None:
+                urls.append(data_url(data, part.image.mime))
+        found[attachment.pk] = urls
+    return found
 
 
 def _json_default(value):
@@ -216,12 +236,18 @@ def conversation_export_markdown(conversation: Conversation) -> str:
         lines += [f"Model: {conversation.model.display_name}", ""]
     if conversation.system_prompt:
         lines += ["## System prompt", "", conversation.system_prompt, ""]
-    for message in conversation.messages.select_related("model"):
+    messages = conversation.messages.select_related("model").prefetch_related(
+        attachments.message_attachments_prefetch()
+    )
+    for message in messages:
         who = "You" if message.role == Message.Role.USER else "Assistant"
         lines += [f"## {who}", ""]
         if message.reasoning:
             quoted = "\n".join("> " + line for line in message.reasoning.splitlines())
             lines += ["> **Thinking**", ">", quoted, ""]
+        for attachment in message.attachments.all():
+            label = attachments.attachment_label(attachment)
+            lines += [f"*Image: {attachment.filename} ({label})*", ""]
         if message.content:
             lines += [message.content, ""]
         if message.error:

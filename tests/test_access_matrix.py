@@ -39,7 +39,9 @@ def build_world() -> dict:
     team = team_create(name="A", members=[owner, member, deactivated], admins=[team_admin])
     other_team = team_create(name="B", members=[other])
     conversation = conversation_create(owner=owner, team=team)
-    Message.objects.create(conversation=conversation, role="user", content="private question")
+    question = Message.objects.create(
+        conversation=conversation, role="user", content="private question"
+    )
     reply = Message.objects.create(
         conversation=conversation, role="assistant", content="private answer"
     )
@@ -58,6 +60,7 @@ def build_world() -> dict:
         "other_team": other_team,
         "conversation": conversation,
         "reply": reply,
+        "question": question,
     }
 
 
@@ -219,6 +222,44 @@ URL_CASES = {
         only({"owner": 200}, others=404, anonymous=404, deactivated=404),
         route="attachments/<int:pk>/image/<int:part>/",
     ),
+    "conversation-search": Case(
+        "get",
+        lambda w: "/api/conversations/search?q=answer",
+        every(200),
+        route="api/conversations/search",
+    ),
+    "conversation-rename": Case(
+        "post",
+        lambda w: f"/api/conversations/{w['conversation'].pk}/rename",
+        only({"owner": 200}, others=404),
+        data=lambda w: {"title": "renamed"},
+        route="api/conversations/<int:pk>/rename",
+    ),
+    "conversation-settings": Case(
+        "post",
+        lambda w: f"/api/conversations/{w['conversation'].pk}/settings",
+        only({"owner": 200}, others=404),
+        data=lambda w: {"system_prompt": "be brief"},
+        route="api/conversations/<int:pk>/settings",
+    ),
+    "conversation-delete": Case(
+        "post",
+        lambda w: f"/api/conversations/{w['conversation'].pk}/delete",
+        only({"owner": 200}, others=404),
+        route="api/conversations/<int:pk>/delete",
+    ),
+    "conversation-export-md": Case(
+        "get",
+        lambda w: f"/c/{w['conversation'].pk}/export.md",
+        only({"owner": 200}, others=404),
+        route="c/<int:pk>/export.md",
+    ),
+    "conversation-export-json": Case(
+        "get",
+        lambda w: f"/c/{w['conversation'].pk}/export.json",
+        only({"owner": 200}, others=404),
+        route="c/<int:pk>/export.json",
+    ),
     "admin-conversation": Case(
         "get",
         lambda w: f"/admin/chatapp/conversation/{w['conversation'].pk}/change/",
@@ -290,6 +331,10 @@ ACTIONS = {
     "state": (lambda w: {"type": "state"}, "state"),
     "regenerate": (lambda w: {"type": "regenerate", "message_id": w["reply"].pk}, "reply.replaced"),
     "ping": (lambda w: {"type": "ping"}, "pong"),
+    "edit": (
+        lambda w: {"type": "edit", "message_id": w["question"].pk, "text": "changed"},
+        "message.edited",
+    ),
 }
 
 
@@ -310,6 +355,6 @@ async def test_websocket_access(action, role):
     await ws.send_json_to(frame(world))
     frames = await receive_until(ws, expected)
     assert frames[-1]["type"] == expected
-    if action in ("send", "regenerate"):
+    if action in ("send", "regenerate", "edit"):
         await receive_until(ws, "reply.end")
     await ws.disconnect()

@@ -212,3 +212,44 @@ async def test_editing_an_earlier_message_replaces_later_turns_and_resends(fake_
     error = await receive_until(ws, "error")
     assert error[-1]["message"] == "That message is not in this conversation."
     await ws.disconnect()
+
+
+@pytest.mark.django_db
+def test_export_json_carries_images_as_data_urls_and_delete_removes_their_files(
+    settings, tmp_path, django_capture_on_commit_callbacks
+):
+    import base64
+    import io
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from PIL import Image
+
+    from chatapp.conversations import turn_start
+    from tests import image_factories as f
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    me = user_create()
+    conversation = conversation_create(owner=me, title="Look")
+    client = logged_in(me)
+    png = f.encode(f.screenshot(320, 200), "PNG")
+    upload = client.post(
+        "/api/attachments/", {"file": SimpleUploadedFile("shot.png", png, content_type="image/png")}
+    ).json()
+    turn_start(
+        conversation=conversation, text="what is this?", user=me, attachment_ids=[upload["id"]]
+    )
+
+    document = json.loads(client.get(f"/c/{conversation.pk}/export.json").content)
+    (attachment,) = document["messages"][0]["attachments"]
+    assert attachment["name"] == "shot.png"
+    (url,) = attachment["data_urls"]
+    assert url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+        assert image.size == (320, 200)
+    text = client.get(f"/c/{conversation.pk}/export.md").content.decode()
+    assert "*Image: shot.png (320×200 → 320×200," in text
+
+    assert any(p.is_file() for p in settings.MEDIA_ROOT.rglob("*"))
+    with django_capture_on_commit_callbacks(execute=True):  # files go after the commit
+        assert client.post(f"/api/conversations/{conversation.pk}/delete").status_code == 200
+    assert not any(p.is_file() for p in settings.MEDIA_ROOT.rglob("*"))

@@ -106,6 +106,7 @@ def app_server(_upstream_server, chromium_path):
         PYTHONUNBUFFERED="1",
     )
     _manage(env, "migrate", "--noinput")
+    _manage(env, "createcachetable")  # the database cache (no REDIS_URL here)
     _manage(env, "collectstatic", "--noinput")
     make_users = (
         "from django.contrib.auth import get_user_model\n"
