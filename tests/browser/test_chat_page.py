@@ -359,3 +359,94 @@ def test_phone_width_375(browser, app_server, upstream):
         expect(sidebar.get_by_role("link", name="New chat")).not_to_be_in_viewport()
     finally:
         context.close()
+
+
+def png_bytes(width: int, height: int, colour=(40, 90, 200)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_sizes_sent(upstream) -> list[tuple[int, int]]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for message in upstream.chat_requests()[-1].json["messages"]:
+        if isinstance(message.get("content"), list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                    with Image.open(io.BytesIO(data)) as image:
+                        sizes.append(image.size)
+    return sizes
+
+
+def test_paste_a_screenshot_from_the_clipboard_and_ask(page, person, upstream):
+    # A synthesised paste event carrying a PNG File, as the OS screenshot tool's paste gives.
+    page.get_by_role("textbox", name="Message").focus()
+    page.evaluate(
+        """async (b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const file = new File([bytes], "screenshot.png", { type: "image/png" });
+            const data = new DataTransfer();
+            data.items.add(file);
+            const event = new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true });
+            document.getElementById("message").dispatchEvent(event);
+        }""",
+        __import__("base64").b64encode(png_bytes(800, 500)).decode(),
+    )
+    tray = page.get_by_role("list", name="Images to send")
+    item = tray.get_by_role("listitem").filter(has_text="screenshot.png")
+    expect(item).to_be_visible()
+    # The thumbnail (decorative: the name is written beside it) really shows the image.
+    thumbnail = item.locator("img")
+    expect(thumbnail).to_be_visible()
+    assert thumbnail.evaluate("img => img.complete && img.naturalWidth") > 0
+    expect(tray.get_by_text(re.compile(r"800×500 → 800×500, \d+ KB"))).to_be_visible()
+    expect(tray.get_by_role("button", name="Remove screenshot.png")).to_be_visible()
+    screenshot(page, "12-pasted-image")
+
+    upstream.enqueue(stream_reply(["A ", "plain ", "blue ", "rectangle."]))
+    send(page, "What is in this screenshot?")
+    expect(last_reply(page)).to_contain_text("A plain blue rectangle.")
+    question = page.get_by_role("article", name="You said")
+    expect(question.get_by_role("img", name="screenshot.png")).to_be_visible()
+    expect(question.get_by_text(re.compile(r"800×500 → 800×500, \d+ KB"))).to_be_visible()
+    expect(tray).to_be_hidden()
+    assert image_sizes_sent(upstream) == [(800, 500)]
+    screenshot(page, "13-pasted-image-answered")
+
+
+def test_attach_images_with_the_file_input_remove_one_and_ask(page, person, upstream, tmp_path):
+    first, second = tmp_path / "diagram.png", tmp_path / "extra.png"
+    first.write_bytes(png_bytes(640, 480, (200, 30, 30)))
+    second.write_bytes(png_bytes(300, 200))
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach image").click()
+    chooser.value.set_files([first, second])
+    tray = page.get_by_role("list", name="Images to send")
+    expect(tray.get_by_role("listitem")).to_have_count(2)
+    expect(tray.get_by_text(re.compile(r"640×480 → 640×480, \d+ KB"))).to_be_visible()
+    expect(tray.get_by_text(re.compile(r"300×200 → 300×200, \d+ KB"))).to_be_visible()
+    tray.get_by_role("button", name="Remove extra.png").click()
+    expect(tray.get_by_role("listitem")).to_have_count(1)
+
+    upstream.enqueue(stream_reply(["A red square diagram."]))
+    send(page, "Describe the diagram")
+    expect(last_reply(page)).to_contain_text("A red square diagram.")
+    question = page.get_by_role("article", name="You said")
+    expect(question.get_by_role("img", name="diagram.png")).to_be_visible()
+    expect(question.get_by_role("img", name="extra.png")).to_have_count(0)
+    assert image_sizes_sent(upstream) == [(640, 480)]
+    page.reload()
+    expect(
+        page.get_by_role("article", name="You said").get_by_role("img", name="diagram.png")
+    ).to_be_visible()
+    screenshot(page, "14-attached-image-answered")
