@@ -37,28 +37,40 @@ make_conversation = database_sync_to_async(conversation_create)
 class Viewer:
     """What the page does with frames, asserting the protocol's promise on every frame: after a
     state frame, deltas continue from its seq + 1, each exactly once, and the text shown only
-    ever grows."""
+    ever grows. Tracks the latest reply."""
 
     def __init__(self) -> None:
+        self.message_id: int | None = None
         self.text = ""
         self.seq = 0
         self.final: dict | None = None
 
+    def _new_reply(self, message_id: int) -> None:
+        if message_id != self.message_id:
+            self.message_id, self.text, self.seq, self.final = message_id, "", 0, None
+
     def apply(self, frame: dict) -> None:
         kind = frame["type"]
-        if kind == "state":
+        if kind == "message":
+            self._new_reply(frame["reply"]["id"])
+        elif kind == "state":
             reply = frame["reply"]
             if reply is None:
-                if frame.get("last") and frame["last"]["status"] != "streaming":
-                    self._end(frame["last"])
+                last = frame.get("last")
+                if last and last["status"] != "streaming":
+                    self._new_reply(last["id"])
+                    self._end(last)
                 return
+            self._new_reply(reply["message_id"])
             assert reply["content"].startswith(self.text), "a snapshot lost shown text"
             self.text, self.seq = reply["content"], reply["seq"]
         elif kind == "delta":
+            self._new_reply(frame["message_id"])
             assert frame["seq"] == self.seq + 1, f"gap or double: {self.seq} -> {frame['seq']}"
             self.seq = frame["seq"]
             self.text += frame.get("text", "")
         elif kind == "reply.end":
+            self._new_reply(frame["message"]["id"])
             self._end(frame["message"])
 
     def _end(self, message: dict) -> None:

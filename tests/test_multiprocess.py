@@ -1,0 +1,317 @@
+"""The production shape for real: several daphne processes sharing PostgreSQL and Redis.
+
+Each server is a real `daphne` subprocess on its own free port, on the test database and this run's
+channel-layer prefix; the fake upstream runs in the test process and serves them all. Clients are
+real websocket connections (the `websockets` library). Needs DATABASE_URL and REDIS_URL: skipped
+in the embedded run, and a failure (not a skip) when REQUIRE_SERVICES=1 says they must be there
+(CI's production-shape run).
+"""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from channels.db import database_sync_to_async
+from django.conf import settings as django_settings
+from django.db import connection
+
+from chatapp.models import Message
+from tests.conftest import CHANNEL_LAYER_PREFIX, session_cookie
+from tests.factories import conversation_create, user_create
+from tests.fake_upstream import stream_reply
+from tests.test_streams import Viewer
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE_SECONDS = 2.0
+
+pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
+
+
+def _require_services() -> None:
+    missing = [name for name in ("DATABASE_URL", "REDIS_URL") if not os.environ.get(name)]
+    if missing:
+        reason = f"multi-process tests need PostgreSQL and Redis: set {' and '.join(missing)}"
+        if os.environ.get("REQUIRE_SERVICES"):
+            pytest.fail(f"REQUIRE_SERVICES is set but {reason}")
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _database_url() -> str:
+    db = connection.settings_dict  # the test database pytest-django created
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class Server:
+    """One daphne process serving the app."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix=f"daphne-{name}-", suffix=".log")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
+            + ["chatapp.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"daphne {self.name} exited:\n{self.output()}")
+            try:
+                # /healthz checks the database and the channel layer, and starts the reaper.
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"daphne {self.name} did not become healthy:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(django_db_setup, django_db_blocker, _upstream_server):
+    """A factory of daphne processes sharing the test database and this run's Redis prefix."""
+    _require_services()
+    with django_db_blocker.unblock():
+        database_url = _database_url()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CHANNEL_LAYER_PREFIX": CHANNEL_LAYER_PREFIX,
+        "SECRET_KEY": django_settings.SECRET_KEY,  # the sessions made here must verify there
+        "DEBUG": "false",
+        "SECURE_HTTPS": "false",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "OPENAI_COMPAT_BASE_URL": _upstream_server.base_url,
+        "OPENAI_COMPAT_API_KEY": "test-key",
+        "OPENAI_COMPAT_MODELS": "fake-model",
+        "STREAM_CHECKPOINT_INTERVAL": "0.1",
+        "STREAM_LEASE_SECONDS": str(LEASE_SECONDS),
+        "REAPER_INTERVAL": "0.5",
+        "STREAM_STATE_TIMEOUT": "10",
+        "PYTHONUNBUFFERED": "1",
+    }
+    servers: list[Server] = []
+
+    def start(name: str) -> Server:
+        server = Server(name, env)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(start_server) -> tuple[Server, Server]:
+    return start_server("a"), start_server("b")
+
+
+class Client:
+    """A real websocket to one server, with the page's frame handling (Viewer)."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.viewer = Viewer()
+        self.frames: list[dict] = []
+
+    async def recv(self, timeout: float = 30.0) -> dict:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, frame_type: str, *, apply: bool = True, timeout: float = 60.0) -> dict:
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv()
+                if apply:
+                    self.viewer.apply(frame)
+                if frame["type"] == frame_type:
+                    return frame
+
+    async def send(self, frame: dict) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def open_client(server: Server, user, conversation_id: int) -> Client:
+    from websockets.asyncio.client import connect
+
+    cookie = (await database_sync_to_async(session_cookie)(user)).decode()
+    ws = await connect(
+        f"{server.url}/ws/conversations/{conversation_id}/",
+        additional_headers={"Cookie": cookie, "Origin": "http://127.0.0.1"},
+        open_timeout=30,
+    )
+    client = Client(ws)
+    client.viewer.apply(await client.recv())  # the state frame
+    return client
+
+
+async def make_world():
+    user = await database_sync_to_async(user_create)()
+    conversation = await database_sync_to_async(conversation_create)(owner=user)
+    return user, conversation
+
+
+def owner_pid(message: Message) -> int:
+    return int(message.owner.split(":")[1])
+
+
+async def test_a_reply_on_one_process_streams_to_the_other_and_stops_from_there(
+    pair, fake_upstream
+):
+    a, b = pair
+    user, conversation = await make_world()
+    full = [f"f{i} " for i in range(40)]
+    long = [f"l{i} " for i in range(400)]
+    fake_upstream.enqueue(stream_reply(full, delay=0.01), stream_reply(long, delay=0.02))
+    on_a = await open_client(a, user, conversation.pk)
+    on_b = await open_client(b, user, conversation.pk)
+
+    # Turn 1: sent on A, every delta reaches B in order, once.
+    await on_a.send({"type": "send", "text": "first"})
+    end_a = await on_a.until("reply.end")
+    end_b = await on_b.until("reply.end")
+    assert end_a["message"]["content"] == end_b["message"]["content"] == "".join(full)
+    assert on_b.viewer.text == "".join(full)
+    b_deltas = [f["seq"] for f in on_b.frames if f["type"] == "delta"]
+    assert b_deltas == list(range(1, len(b_deltas) + 1)) and len(b_deltas) > 1
+    reply = await Message.objects.aget(pk=end_a["message"]["id"])
+    assert owner_pid(reply) == a.proc.pid  # it ran on A
+
+    # Turn 2: sent on A, stopped from B.
+    await on_a.send({"type": "send", "text": "second"})
+    for _ in range(5):
+        await on_b.until("delta")
+    await on_b.send({"type": "stop"})
+    end_b = await on_b.until("reply.end")
+    end_a = await on_a.until("reply.end")
+    for end in (end_a, end_b):
+        assert end["message"]["status"] == "cancelled"
+    stopped = end_b["message"]["content"]
+    assert stopped and stopped == on_b.viewer.text == on_a.viewer.text
+    assert len(stopped) < len("".join(long))
+    row = await Message.objects.aget(pk=end_b["message"]["id"])
+    assert (row.status, row.content, owner_pid(row)) == ("cancelled", stopped, a.proc.pid)
+    await on_a.close()
+    await on_b.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_reattach_across_processes_gets_the_exact_text(pair, fake_upstream, seed):
+    rng = random.Random(seed)
+    servers = list(pair)
+    user, conversation = await make_world()
+    tokens = [f"s{i} " for i in range(rng.randint(60, 120))]
+    fake_upstream.enqueue(stream_reply(tokens, delay=0.02))
+    sender = await open_client(rng.choice(servers), user, conversation.pk)
+    await sender.send({"type": "send", "text": "go"})
+    watcher = await open_client(rng.choice(servers), user, conversation.pk)
+    reconnects = 0
+    async with asyncio.timeout(120):
+        while watcher.viewer.final is None:
+            for _ in range(rng.randint(1, 6)):
+                watcher.viewer.apply(await watcher.recv())
+                if watcher.viewer.final is not None:
+                    break
+            if watcher.viewer.final is not None:
+                break
+            await watcher.close()
+            # Come back on either process: the state must be the same wherever the reply runs.
+            watcher = await open_client(rng.choice(servers), user, conversation.pk)
+            reconnects += 1
+            text_after_state = watcher.viewer.text
+            assert "".join(tokens).startswith(text_after_state)
+    assert reconnects >= 1
+    assert watcher.viewer.final["status"] == "complete"
+    assert watcher.viewer.text == "".join(tokens)
+    await sender.until("reply.end")
+    await sender.close()
+    await watcher.close()
+
+
+async def test_killing_the_process_mid_reply_leaves_the_text_and_the_survivor_reaps_it(
+    pair, start_server, fake_upstream
+):
+    _, survivor = pair
+    doomed = start_server("doomed")
+    user, conversation = await make_world()
+    tokens = [f"k{i} " for i in range(600)]
+    fake_upstream.enqueue(stream_reply(tokens, delay=0.02))
+    on_doomed = await open_client(doomed, user, conversation.pk)
+    on_survivor = await open_client(survivor, user, conversation.pk)
+    await on_doomed.send({"type": "send", "text": "go"})
+    message = await on_survivor.until("message")
+    reply_id = message["reply"]["id"]
+    for _ in range(5):
+        await on_survivor.until("delta")
+    # Wait for a checkpoint, then kill the owner without any chance to clean up.
+    async with asyncio.timeout(60):
+        while not (await Message.objects.aget(pk=reply_id)).content:
+            await asyncio.sleep(0.05)
+    doomed.kill()
+    seen_before_kill = on_survivor.viewer.text
+
+    # The survivor's reaper ends it once the lease has run out, and tells its sockets.
+    async with asyncio.timeout(60):
+        while True:
+            frame = await on_survivor.recv(timeout=60)
+            if frame["type"] == "reply.end":
+                break
+    end = frame["message"]
+    assert end["id"] == reply_id and end["status"] == "interrupted"
+    row = await Message.objects.aget(pk=reply_id)
+    assert row.status == "interrupted" and row.content == end["content"]
+    # The partial text is the last checkpoint: non-empty and exactly what the stream said.
+    assert row.content and "".join(tokens).startswith(row.content)
+    assert len(row.content) < len("".join(tokens))
+    assert seen_before_kill.startswith(row.content) or row.content.startswith(seen_before_kill)
+    await on_survivor.close()
