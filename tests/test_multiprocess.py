@@ -64,7 +64,8 @@ class Server:
     def __init__(self, name: str, env: dict[str, str]) -> None:
         self.name = name
         self.port = _free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix=f"daphne-{name}-", suffix=".log")
+        # Lives as long as the server (closed in stop()).
+        self.log = tempfile.NamedTemporaryFile(prefix=f"daphne-{name}-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
             + ["chatapp.asgi:application"],
@@ -295,7 +296,7 @@ async def test_killing_the_process_mid_reply_leaves_the_text_and_the_survivor_re
         await on_survivor.until("delta")
     # Wait for a checkpoint, then kill the owner without any chance to clean up.
     async with asyncio.timeout(60):
-        while not (await Message.objects.aget(pk=reply_id)).content:
+        while not (await Message.objects.aget(pk=reply_id)).content:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     doomed.kill()
     seen_before_kill = on_survivor.viewer.text
