@@ -1,0 +1,35 @@
+# The production image: daphne serving chatapp, one process per container (scale with replicas).
+FROM python:3.12-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DATA_DIR=/data \
+    STATIC_ROOT=/app/staticfiles \
+    HOST=0.0.0.0 \
+    PORT=8000
+
+RUN groupadd --system app && useradd --system --gid app --home-dir /app app \
+    && mkdir -p /app /data && chown app:app /app /data
+WORKDIR /app
+
+# Dependencies first (from pyproject.toml, the package itself dropped again), so a code change
+# does not reinstall them; the app runs from /app.
+COPY pyproject.toml README.md ./
+COPY chatapp/__init__.py chatapp/__init__.py
+RUN pip install --no-compile . && pip uninstall -y kimichat && rm -rf build ./*.egg-info
+
+COPY --chown=app:app . .
+
+USER app
+# Static files are part of the image; a throwaway key is enough for collectstatic.
+RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
+
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8000\")}/healthz', timeout=4)"
+
+ENTRYPOINT ["/app/docker/entrypoint.sh"]
+CMD ["sh", "-c", "exec daphne -b \"$HOST\" -p \"$PORT\" --proxy-headers chatapp.asgi:application"]

@@ -1,0 +1,154 @@
+"""The production shape's start-up: the container entrypoint script and the deploy checks.
+
+No Docker engine runs here, so the entrypoint script (docker/entrypoint.sh) is run directly, as the
+container would run it, against a fresh SQLite database of its own.
+"""
+
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+# Each subprocess starts Django from scratch; generous for a loaded machine.
+TIMEOUT = 300
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG", "SQLITE_PATH"}
+    }
+    # The venv's python first on PATH, as in the image.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DATA_DIR=str(tmp_path), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+
+
+def test_entrypoint_prepares_the_database_then_becomes_the_command(tmp_path):
+    env = clean_env(
+        tmp_path, DJANGO_SUPERUSER_USERNAME="boss", DJANGO_SUPERUSER_PASSWORD="a-long-pass-123"
+    )
+    command = [str(ENTRYPOINT), sys.executable, "-c", "import os; print('serving as', os.getpid())"]
+    result = run(command, env)
+    assert result.returncode == 0, result.stderr
+    assert "serving as" in result.stdout
+
+    database = sqlite3.connect(tmp_path / "db.sqlite3")
+    applied = {row[0] for row in database.execute("SELECT name FROM django_migrations")}
+    expected = {p.stem for p in (ROOT / "chatapp" / "migrations").glob("0*.py")}
+    assert expected <= applied
+    admins = database.execute("SELECT username FROM auth_user WHERE is_superuser").fetchall()
+    assert admins == [("boss",)]
+    database.close()
+
+    # A restart runs the same steps again without harm (and does not make a second admin).
+    again = run(command, env)
+    assert again.returncode == 0, again.stderr
+    database = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert database.execute("SELECT count(*) FROM auth_user").fetchone() == (1,)
+    database.close()
+
+
+def test_entrypoint_stops_loudly_when_the_database_is_unreachable(tmp_path):
+    env = clean_env(tmp_path, DATABASE_URL="postgres://nobody@127.0.0.1:1/nothing")
+    result = run([str(ENTRYPOINT), sys.executable, "-c", "print('must not start')"], env)
+    assert result.returncode != 0
+    assert "must not start" not in result.stdout
+    assert "connection" in result.stderr.lower()
+
+
+def test_entrypoint_reaps_a_reply_a_previous_run_left_streaming(tmp_path):
+    env = clean_env(tmp_path, DJANGO_SUPERUSER_PASSWORD="a-long-pass-123")
+    assert run([str(ENTRYPOINT), "true"], env).returncode == 0
+    database = sqlite3.connect(tmp_path / "db.sqlite3")
+    with database:
+        owner = database.execute("SELECT id FROM auth_user").fetchone()[0]
+        conversation = insert(
+            database,
+            "chatapp_conversation",
+            owner_id=owner,
+            affinity_id="ses_x",
+            created_at="2026-01-01 00:00:00",
+            updated_at="2026-01-01 00:00:00",
+        )
+        insert(
+            database,
+            "chatapp_message",
+            conversation_id=conversation,
+            role="assistant",
+            content="half",
+            status="streaming",
+            lease_expires_at="2026-01-01 00:00:00",
+            created_at="2026-01-01 00:00:00",
+            updated_at="2026-01-01 00:00:00",
+        )
+    database.close()
+
+    result = run([str(ENTRYPOINT), "true"], env)
+    assert result.returncode == 0, result.stderr
+    assert "1 interrupted reply reaped" in result.stdout
+    database = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert database.execute("SELECT status, content FROM chatapp_message").fetchall() == [
+        ("interrupted", "half")
+    ]
+    database.close()
+
+
+def insert(database, table: str, **values) -> int:
+    """A row written as a previous run left it; other NOT NULL columns get an empty value."""
+    for _, name, kind, notnull, default, pk in database.execute(f"PRAGMA table_info({table})"):
+        if notnull and not pk and name not in values and default is None:
+            values[name] = 0 if kind.lower() in {"integer", "bigint", "bool", "real"} else ""
+    names = ", ".join(values)
+    marks = ", ".join("?" for _ in values)
+    cursor = database.execute(
+        f"INSERT INTO {table} ({names}) VALUES ({marks})", list(values.values())
+    )
+    return cursor.lastrowid
+
+
+def test_check_deploy_is_clean_in_the_production_shape(tmp_path):
+    env = clean_env(
+        tmp_path,
+        DEBUG="false",
+        SECRET_KEY=secrets.token_urlsafe(50),
+        ALLOWED_HOSTS="chat.example.com",
+        DATABASE_URL="postgres://chat:pw@db.example.com:5432/chat",
+        REDIS_URL="redis://127.0.0.1:6379/0",
+    )
+    result = run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_check_deploy_warns_about_the_in_memory_layer_with_debug_off(tmp_path):
+    env = clean_env(
+        tmp_path, DEBUG="false", SECRET_KEY=secrets.token_urlsafe(50), ALLOWED_HOSTS="x.example"
+    )
+    result = run([sys.executable, "manage.py", "check", "--deploy"], env)
+    assert "chatapp.W001" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "compose.yaml", "docker/nginx.conf"])
+def test_production_files_exist_and_name_their_pieces(name):
+    text = (ROOT / name).read_text()
+    needles = {
+        "Dockerfile": ["-slim", "USER app", "collectstatic", "PYTHONUNBUFFERED=1", "HEALTHCHECK"],
+        "compose.yaml": ["app1:", "app2:", "postgres", "redis", "nginx", "REDIS_URL"],
+        "docker/nginx.conf": ["Upgrade $http_upgrade", "app1:8000", "app2:8000"],
+    }[name]
+    missing = [needle for needle in needles if needle not in text]
+    assert not missing
