@@ -281,7 +281,10 @@ const handlers = {
     if (!live || live.id !== frame.message_id) startLive(frame.message_id);
     if (frame.seq <= live.seq) return; // already in the snapshot
     if (frame.seq !== live.seq + 1) {
-      socket.send({ type: "state" }); // a gap: start again from a fresh snapshot
+      // A gap (only after a lost connection): start again from a fresh snapshot, asked once;
+      // the "state" frame replaces `live`, and later deltas up to its seq are dropped above.
+      if (!live.resyncing) socket.send({ type: "state" });
+      live.resyncing = true;
       return;
     }
     live.seq = frame.seq;
