@@ -103,16 +103,26 @@ def test_new_chat_streams_a_table_code_with_copy_and_math(page, person, upstream
 
 
 def test_stop_keeps_the_partial_reply_and_reload_shows_history(page, person, upstream):
-    words = [f"word{i} " for i in range(200)]
+    words = [f"Line {i} of a long answer.\n\n" for i in range(300)]
     upstream.enqueue(stream_reply(words, delay=0.1))
     send(page, "Count slowly")
     reply = last_reply(page)
-    expect(reply).to_contain_text("word3")
+    expect(reply).to_contain_text("Line 3 of")
+    # The view follows new text until the person scrolls up; then "Jump to latest" brings it back.
+    jump = page.get_by_role("button", name="Jump to latest")
+    expect(jump).to_be_hidden()
+    expect(reply).to_contain_text("Line 40 of")
+    history = page.get_by_role("region", name="Chat history")
+    history.hover()
+    page.mouse.wheel(0, -3000)
+    expect(jump).to_be_visible()
+    jump.click()
+    expect(jump).to_be_hidden()
     page.keyboard.press("Escape")  # Esc stops
     expect(reply.get_by_text(re.compile("stopped"))).to_be_visible()
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     partial = reply.locator(".body").inner_text().strip()
-    assert partial.startswith("word0 word1 word2 word3") and "word199" not in partial
+    assert partial.startswith("Line 0 of a long answer.") and "Line 299 of" not in partial
     expect(reply.get_by_role("button", name="Retry")).to_be_visible()
 
     page.reload()
