@@ -382,6 +382,14 @@ def conversation_delete(*, conversation: Conversation) -> None:
     _delete_unreferenced(image_ids)
 
 
+def messages_delete(*, messages) -> None:
+    """Delete these messages (a queryset) with their attachments, and every stored image file
+    nothing else references (an edit drops the later turns). Call inside a transaction."""
+    image_ids = _image_ids_of(Attachment.objects.filter(message__in=messages))
+    messages.delete()
+    _delete_unreferenced(image_ids)
+
+
 @transaction.atomic
 def attachment_delete(*, attachment: Attachment) -> None:
     """Remove an unsent upload (the composer's remove button)."""

@@ -143,9 +143,13 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
     message = locked.messages.filter(pk=message_id, role=Message.Role.USER).first()
     if message is None:
         raise ClientError("not_found", "That message is not in this conversation.")
-    locked.messages.filter(id__gt=message.pk).delete()
+    from .attachments import message_attachments_prefetch, messages_delete
+
+    messages_delete(messages=locked.messages.filter(id__gt=message.pk))
     message.content = text
     message.save(update_fields=["content", "updated_at"])
+    # Its images stay; loaded here so message_to_dict shows them without a query.
+    prefetch_related_objects([message], message_attachments_prefetch())
     reply = Message.objects.create(
         conversation=locked,
         role=Message.Role.ASSISTANT,

@@ -422,6 +422,11 @@ async def reply_edit(
 ) -> tuple[Message, Message]:
     """Replace an earlier user message (and every later turn) and write a new reply to it."""
     _check_model(conversation)
+    # The same gates as a send: the edited turn must fit, and budgets / rate limits apply.
+    await database_sync_to_async(context_window.check_send_fits)(
+        conversation=conversation, text=text, before_id=message_id
+    )
+    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
     message, reply = await database_sync_to_async(turn_edit)(
         conversation=conversation, message_id=message_id, text=text
     )

@@ -253,3 +253,46 @@ def test_export_json_carries_images_as_data_urls_and_delete_removes_their_files(
     with django_capture_on_commit_callbacks(execute=True):  # files go after the commit
         assert client.post(f"/api/conversations/{conversation.pk}/delete").status_code == 200
     assert not any(p.is_file() for p in settings.MEDIA_ROOT.rglob("*"))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_edit_keeps_the_edited_messages_images_and_deletes_the_dropped_turns_images(
+    fake_upstream, settings, tmp_path
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from chatapp.models import StoredImage
+    from tests import image_factories as f
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    client = await database_sync_to_async(logged_in)(user)
+
+    def upload(width: int) -> int:
+        png = f.encode(f.screenshot(width, 200), "PNG")
+        file = SimpleUploadedFile(f"{width}.png", png, content_type="image/png")
+        return client.post("/api/attachments/", {"file": file}).json()["id"]
+
+    kept = await database_sync_to_async(upload)(300)
+    dropped = await database_sync_to_async(upload)(500)
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await ws.send_json_to({"type": "send", "text": "one", "attachments": [kept]})
+    first = (await receive_until(ws, "reply.end"))[0]["message"]
+    await ws.send_json_to({"type": "send", "text": "two", "attachments": [dropped]})
+    await receive_until(ws, "reply.end")
+    files_before = {p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file()}
+
+    await ws.send_json_to({"type": "edit", "message_id": first["id"], "text": "one, again"})
+    frames = await receive_until(ws, "reply.end")
+
+    assert [a["name"] for a in frames[0]["message"]["attachments"]] == ["300.png"]
+    files_after = {p for p in settings.MEDIA_ROOT.rglob("*") if p.is_file()}
+    assert files_after < files_before  # the dropped turn's image (and thumbnail) are gone
+    paths = {p async for p in StoredImage.objects.values_list("path", flat=True)}
+    assert {str(p.relative_to(settings.MEDIA_ROOT)) for p in files_after} == paths
+    content = fake_upstream.chat_requests()[-1].json["messages"][-1]["content"]
+    assert content[0] == {"type": "text", "text": "one, again"}
+    assert content[1]["type"] == "image_url"
+    await ws.disconnect()
