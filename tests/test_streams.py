@@ -304,7 +304,8 @@ async def test_a_retry_after_beyond_a_minute_is_not_waited_for(fake_upstream):
     await ws.disconnect()
 
 
-async def test_503_three_times_then_success(fake_upstream, settings):
+async def test_503_three_times_then_success(fake_upstream, settings, caplog):
+    caplog.set_level("INFO", logger="chatapp.generation")
     settings.UPSTREAM_MAX_RETRIES = 3
     fake_upstream.enqueue(*(error_response(503, "overloaded") for _ in range(3)))
     user, conversation, ws = await start_reply(fake_upstream, stream_reply(["at", " last"]))
@@ -313,6 +314,10 @@ async def test_503_three_times_then_success(fake_upstream, settings):
     end = frames[-1]["message"]
     assert (end["status"], end["content"]) == ("complete", "at last")
     assert len(fake_upstream.chat_requests()) == 4
+    # The one structured line per reply says how it went, retries included.
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("reply conv"))
+    assert f"conversation={conversation.pk} " in line
+    assert "status=complete" in line and "retries=3" in line and "ttft_ms=" in line
     await ws.disconnect()
 
 
@@ -410,3 +415,22 @@ def closed_port_url() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+def test_healthz_reports_the_database_and_the_channel_layer(client, settings):
+    response = client.get("/healthz")
+    assert (response.status_code, response.json()) == (
+        200,
+        {"database": "ok", "channel_layer": "ok"},
+    )
+    # A channel layer that cannot be reached (nothing listens on that port) makes it unhealthy.
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [closed_port_url().replace("http://", "redis://")[:-3]]},
+        }
+    }
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["database"] == "ok"
+    assert response.json()["channel_layer"].startswith("error")
