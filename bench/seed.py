@@ -35,46 +35,31 @@ def _history(conversation, count: int, model) -> None:
 
 
 def _images(conversation, count: int) -> int:
-    """Attach small images to the first user messages, if this version of the app has them."""
-    from django.apps import apps
-
+    """Attach one small processed image to each of the first `count` user messages, through
+    the app's own pipeline and attachment service (0 when this version has no attachments)."""
     try:
-        Attachment = apps.get_model("chatapp", "Attachment")
-    except LookupError:
+        from chatapp.attachments import attachment_create
+    except ImportError:
         return 0
     import io
 
     from PIL import Image
 
-    from chatapp.models import Message
+    from chatapp.images import process_upload
+    from chatapp.models import Attachment, Message
 
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 80, 40)).save(buf, "PNG")
-    data = buf.getvalue()
     users = list(conversation.messages.filter(role=Message.Role.USER).order_by("id")[:count])
-    made = 0
-    fields = {f.name: f for f in Attachment._meta.get_fields()}
-    for message in users:
-        kwargs = {"message": message} if "message" in fields else {}
-        for name, value in (
-            ("mime", "image/png"),
-            ("width", 64),
-            ("height", 64),
-            ("size", len(data)),
-            ("sha256", f"{message.pk:064x}"),
-            ("data", data),
-            ("conversation", conversation),
-            ("owner", conversation.owner),
-        ):
-            if name in fields and name not in kwargs:
-                kwargs[name] = value
-        try:
-            Attachment.objects.create(**kwargs)
-            made += 1
-        except Exception as exc:  # an unknown attachment shape: report, do not guess further
-            print(f"bench.seed: cannot create attachments ({exc!r})", file=sys.stderr)
-            return made
-    return made
+    for i, message in enumerate(users):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (i * 5 % 256, 80, 40)).save(buf, "PNG")
+        attachment = attachment_create(
+            owner=conversation.owner,
+            conversation=conversation,
+            filename=f"history-{i}.png",
+            processed=process_upload(buf.getvalue()),
+        )
+        Attachment.objects.filter(pk=attachment.pk).update(message=message)
+    return len(users)
 
 
 def _session_cookie(user) -> str:
