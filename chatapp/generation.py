@@ -484,6 +484,7 @@ def _plan_reply(*, conversation: Conversation, reply: Message):
         Message.objects.filter(pk=reply.pk).update(
             status=Message.Status.ERROR, error=exc.message, updated_at=timezone.now()
         )
+        teams.usage_record_for_reply(message=Message.objects.get(pk=reply.pk))  # nothing spent
         raise
     return plan, conversation.owner.is_staff  # one query when owner is not loaded
 

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from . import events
+from . import events, teams
 from .conversations import message_to_dict
 from .models import Message
 
@@ -78,6 +78,7 @@ def replies_reap_expired(*, now: datetime | None = None) -> list[Message]:
         )
         if updated:
             reaped.append(Message.objects.select_related("model").get(pk=pk))
+            teams.usage_record_for_reply(message=reaped[-1])  # a terminal state: one record
     for message in reaped:
         log.warning(
             "reply conversation=%s message=%s status=interrupted owner=%s reaped_by=%s",

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from chatapp import reaper
 from chatapp.model_catalog import catalog_sync, reset_catalog_cache
-from chatapp.models import Message
+from chatapp.models import Message, UsageRecord
 from tests.conftest import connect, receive_until
 from tests.factories import conversation_create, user_create
 from tests.fake_upstream import (
@@ -223,6 +223,9 @@ async def test_reaper_interrupts_a_reply_whose_owner_died_and_tells_the_sockets(
     row = await Message.objects.aget(pk=dead.pk)
     assert (row.status, row.content) == ("interrupted", "half an ans")
     assert await reaper.reap_once() == 0  # done once
+    # An interrupted reply is a terminal state: one (token-less) usage record.
+    records = [r async for r in UsageRecord.objects.filter(conversation=conversation)]
+    assert [(r.status, r.prompt_tokens, r.cost_usd) for r in records] == [("interrupted", 0, 0)]
     await ws.disconnect()
 
 

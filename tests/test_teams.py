@@ -397,3 +397,21 @@ def test_month_bounds_are_calendar_months():
     start, end = teams.month_bounds(at(2026, 12, 31, 23, 0))
     assert (start, end) == (at(2026, 12, 1), at(2027, 1, 1))
     assert timezone.is_aware(start)
+
+
+@pytest.mark.django_db
+def test_a_reply_ended_before_the_call_by_a_full_window_writes_a_token_less_record():
+    from chatapp import generation
+
+    user = user_create()
+    conversation = conversation_create(owner=user)
+    ModelConfig.objects.filter(pk=conversation.model_id).update(context_window=1_000)
+    conversation.refresh_from_db()
+    Message.objects.create(conversation=conversation, role="user", content="tok " * 5_000)
+    reply = Message.objects.create(
+        conversation=conversation, role="assistant", status=Message.Status.STREAMING
+    )
+    with pytest.raises(ClientError):
+        generation._plan_reply(conversation=conversation, reply=reply)
+    record = UsageRecord.objects.get()
+    assert (record.message_id, record.status, record.cost_usd) == (reply.pk, "error", 0)
