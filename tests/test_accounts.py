@@ -3,6 +3,7 @@ logs a user out everywhere (sessions and live websockets)."""
 
 import datetime as dt
 import re
+import uuid
 
 import pytest
 from channels.db import database_sync_to_async
@@ -267,28 +268,30 @@ def test_login_locks_live_in_redis_for_every_process(settings):
         probe.ping()
     except redis.exceptions.ConnectionError:
         pytest.skip("Redis is not running on 127.0.0.1:6379")
+    # A prefix of our own: other checkouts may run this suite against the same Redis at once.
+    prefix = f"test-teams-{uuid.uuid4().hex[:8]}"
     settings.CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": url,
-            "KEY_PREFIX": "test-teams",
+            "KEY_PREFIX": prefix,
         }
     }
     settings.LOGIN_MAX_FAILURES_PER_ACCOUNT = 2
-    from django.core.cache import cache
-
-    cache.clear()
     user_create(username="lena", password="lena's secret 3")
-    for _ in range(2):
-        login(Client(), "lena", "wrong")
-    # Another process = another connection to the same Redis: it sees the same lock.
-    other_process = RedisCache(url, {"KEY_PREFIX": "test-teams"})
-    lock_key = f"{accounts._key('account', 'lena')}:lock"
-    assert other_process.get(lock_key) is not None
-    assert 0 < probe.ttl(f"test-teams:1:{lock_key}") <= settings.LOGIN_LOCK_SECONDS
-    assert "Too many failed" in login(Client(), "lena", "lena's secret 3").content.decode()
-    cache.clear()
-    probe.close()
+    try:
+        for _ in range(2):
+            login(Client(), "lena", "wrong")
+        # Another process = another connection to the same Redis: it sees the same lock.
+        other_process = RedisCache(url, {"KEY_PREFIX": prefix})
+        lock_key = f"{accounts._key('account', 'lena')}:lock"
+        assert other_process.get(lock_key) is not None
+        assert 0 < probe.ttl(f"{prefix}:1:{lock_key}") <= settings.LOGIN_LOCK_SECONDS
+        assert "Too many failed" in login(Client(), "lena", "lena's secret 3").content.decode()
+    finally:
+        for key in probe.scan_iter(f"{prefix}:*"):
+            probe.delete(key)
+        probe.close()
 
 
 @pytest.mark.django_db
