@@ -1,6 +1,6 @@
 """`manage.py prepare`: the container's start step, before daphne.
 
-Migrate, seed providers from the environment, make sure an administrator exists and reap replies
+Migrate, make the cache table, seed providers from the environment, make sure an administrator exists and reap replies
 left streaming by a previous run. Several app containers may start at once: on PostgreSQL the
 whole step runs under an advisory lock, so only one migrates at a time and the others then find
 nothing to do. Static files are collected at image build time, not here.
@@ -34,11 +34,12 @@ def start_lock():
 
 
 class Command(BaseCommand):
-    help = "Migrate, seed providers, ensure an administrator, reap dead replies (start step)."
+    help = "Migrate, make the cache table, seed providers, ensure an administrator, reap dead replies (start step)."
 
     def handle(self, *args, **options):
         with start_lock():
             call_command("migrate", interactive=False, verbosity=1)
+            call_command("createcachetable", verbosity=0)  # the DB cache when REDIS_URL is unset
             catalog_sync()
             starter = StartCommand(stdout=self.stdout, stderr=self.stderr)
             starter.ensure_admin()
