@@ -72,15 +72,15 @@ async def user_sockets_close(user_id: int) -> None:
 async def ask_state(message_id: int, *, timeout: float) -> dict | None:
     """Ask the generation writing this reply (any process) for its state; None on no answer."""
     layer = get_channel_layer()
-    reply_to = await layer.new_channel()
-    # Round trip first, so the answer cannot beat our subscription to reply_to.
-    await layer.send(reply_to, {"type": "probe"})
-    await layer.receive(reply_to)
-    await layer.group_send(
-        generation_group(message_id), {"type": "generation.state", "reply_to": reply_to}
-    )
     try:
         async with asyncio.timeout(timeout):
+            reply_to = await layer.new_channel()
+            # Round trip first, so the answer cannot beat our subscription to reply_to.
+            await layer.send(reply_to, {"type": "probe"})
+            await layer.receive(reply_to)
+            await layer.group_send(
+                generation_group(message_id), {"type": "generation.state", "reply_to": reply_to}
+            )
             answer = await layer.receive(reply_to)
     except TimeoutError:
         return None
