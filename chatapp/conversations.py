@@ -74,6 +74,24 @@ def conversation_set_model(*, conversation: Conversation, model: ModelConfig) ->
         conversation.save(update_fields=["model", "updated_at"])
 
 
+def _lock_idle(conversation: Conversation) -> Conversation:
+    """Lock the conversation row (inside the caller's transaction); refuse while a reply runs."""
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if locked.messages.filter(status=Message.Status.STREAMING).exists():
+        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    return locked
+
+
+def _reply_create(*, conversation: Conversation, model: ModelConfig | None) -> Message:
+    """The empty streaming reply a generation will fill."""
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model=model,
+    )
+
+
 @transaction.atomic
 def turn_start(
     *, conversation: Conversation, text: str, user=None, attachment_ids: list[int] = ()
@@ -82,9 +100,7 @@ def turn_start(
     upstream call. A refused attachment rolls everything back."""
     from .attachments import attachments_bind, message_attachments_prefetch
 
-    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-    if locked.messages.filter(status=Message.Status.STREAMING).exists():
-        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    locked = _lock_idle(conversation)
     user_message = Message.objects.create(
         conversation=locked, role=Message.Role.USER, content=text, status=Message.Status.COMPLETE
     )
@@ -96,12 +112,7 @@ def turn_start(
     )
     # Loaded here so message_to_dict can show them without a query on the event loop.
     prefetch_related_objects([user_message], message_attachments_prefetch())
-    reply = Message.objects.create(
-        conversation=locked,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.STREAMING,
-        model=conversation.model,
-    )
+    reply = _reply_create(conversation=locked, model=conversation.model)
     fields = ["updated_at"]
     if not locked.title:
         locked.title = title_from_text(text) or (bound[0].filename if bound else "")
@@ -114,19 +125,12 @@ def turn_start(
 @transaction.atomic
 def turn_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
     """Replace the last reply (failed, stopped or just unwanted) with a new streaming one."""
-    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-    if locked.messages.filter(status=Message.Status.STREAMING).exists():
-        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    locked = _lock_idle(conversation)
     last = locked.messages.order_by("-id").first()
     if last is None or last.pk != reply_id or last.role != Message.Role.ASSISTANT:
         raise ClientError("not_last", "Only the last reply can be regenerated.")
     last.delete()
-    reply = Message.objects.create(
-        conversation=locked,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.STREAMING,
-        model=conversation.model,
-    )
+    reply = _reply_create(conversation=locked, model=conversation.model)
     locked.save(update_fields=["updated_at"])
     return reply
 
@@ -137,9 +141,7 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
 
     The provider's prefix cache is lost from this message on (the page warns before sending).
     """
-    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
-    if locked.messages.filter(status=Message.Status.STREAMING).exists():
-        raise ClientError("busy", "A reply is still being written. Wait for it or press Stop.")
+    locked = _lock_idle(conversation)
     message = locked.messages.filter(pk=message_id, role=Message.Role.USER).first()
     if message is None:
         raise ClientError("not_found", "That message is not in this conversation.")
@@ -150,12 +152,7 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
     message.save(update_fields=["content", "updated_at"])
     # Its images stay; loaded here so message_to_dict shows them without a query.
     prefetch_related_objects([message], message_attachments_prefetch())
-    reply = Message.objects.create(
-        conversation=locked,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.STREAMING,
-        model=conversation.model,
-    )
+    reply = _reply_create(conversation=locked, model=conversation.model)
     locked.save(update_fields=["updated_at"])
     return message, reply
 
