@@ -1,3 +1,5 @@
+from functools import partial
+
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -34,6 +36,8 @@ class ProviderForm(forms.ModelForm):
     class Meta:
         model = Provider
         fields = ("name", "kind", "base_url", "enabled", "max_concurrency")
+        # Provider endpoints are https; say so instead of relying on Django's changing default.
+        field_classes = {"base_url": partial(forms.URLField, assume_scheme="https")}
 
     def save(self, commit=True):
         provider = super().save(commit=False)

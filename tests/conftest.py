@@ -31,6 +31,8 @@ def _test_settings(settings, request, tmp_path):
     # The production hasher is slow on purpose; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.MEDIA_ROOT = tmp_path / "media"  # uploaded images never land in ./var
+    settings.STATIC_ROOT = tmp_path / "static"  # whitenoise wants the folder to exist
+    settings.STATIC_ROOT.mkdir()
     settings.STREAM_CHECKPOINT_INTERVAL = 0.05
     settings.UPSTREAM_RETRY_BASE_DELAY = 0.01
     settings.UPSTREAM_STALL_TIMEOUT = 5.0
