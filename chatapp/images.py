@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import Image, ImageChops, ImageCms, ImageOps
+from PIL import ExifTags, Image, ImageChops, ImageCms, ImageOps
 
 # HEIC/HEIF is what iPhones upload by default; Pillow needs pillow-heif's opener to read it.
 pillow_heif.register_heif_opener()
 
+PHOTO_FORMATS = frozenset({"JPEG", "HEIF"})
 ACCEPTED_TYPES_TEXT = "PNG, JPEG, WebP, GIF, BMP, TIFF or HEIC/HEIF"
 
 # Pillow format ids we let Image.open try, so detection is by content and strictly allow-listed
@@ -151,12 +152,19 @@ def process_upload(
     im = _drop_opaque_alpha(im)
     source_width, source_height = im.size
 
-    sized, tiles = _plan(im, max_edge=max_edge, max_tiles=max_tiles)
-    lossless = _prefers_lossless(sized)
+    # Camera formats hold photos, already lossy: PNG would not bring their detail back, only
+    # their bytes up, and bicubic resampling is indistinguishable there after JPEG encoding and
+    # a third cheaper. Everything else may carry small text, which LANCZOS keeps sharpest.
+    photo = source_format in PHOTO_FORMATS
+    resample = Image.Resampling.BICUBIC if photo else Image.Resampling.LANCZOS
+    sized, tiles = _plan(im, max_edge=max_edge, max_tiles=max_tiles, resample=resample)
+    lossless = not photo and _prefers_lossless(sized)
     parts = [_encode_within_budget(tile, lossless, max_output_bytes) for tile in tiles]
 
-    thumb = sized.copy()
-    thumb.thumbnail((THUMBNAIL_EDGE, THUMBNAIL_EDGE), Image.Resampling.LANCZOS)
+    scale = min(1.0, THUMBNAIL_EDGE / max(sized.size))
+    thumb_size = (max(1, round(sized.width * scale)), max(1, round(sized.height * scale)))
+    # reducing_gap: a cheap box reduction first, then LANCZOS over the last steps.
+    thumb = sized.resize(thumb_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return ProcessedUpload(
         parts=parts,
         thumbnail=_save(thumb, "WEBP", quality=80, method=4),
@@ -214,11 +222,11 @@ def _decode(data: bytes, max_pixels: int) -> tuple[str, Image.Image]:
         ) from None
 
     try:
-        oriented = ImageOps.exif_transpose(im)
+        # Only a real rotation or flip costs a new image; upright images are used as they are.
+        upright = im.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1)
+        oriented = im if upright else ImageOps.exif_transpose(im)
     except Exception:
         # Damaged EXIF should not cost the user their upload; show the pixels as stored.
-        oriented = im.copy()
-    if oriented is None:  # pragma: no cover - only returned when in_place=True
         oriented = im
     # exif_transpose drops only the orientation tag; keep the ICC profile for _to_srgb and
     # nothing else, so no metadata can leak into an encoder's defaults.
@@ -312,7 +320,7 @@ def _drop_opaque_alpha(im: Image.Image) -> Image.Image:
 
 
 def _plan(
-    im: Image.Image, *, max_edge: int, max_tiles: int
+    im: Image.Image, *, max_edge: int, max_tiles: int, resample: Image.Resampling
 ) -> tuple[Image.Image, list[Image.Image]]:
     """Return (the image at its final scale, its parts in reading order)."""
     width, height = im.size
@@ -324,7 +332,7 @@ def _plan(
     floor = min(short_side, MIN_SHORT_SIDE, max_edge)
     fit = max_edge / long_side
     if round(short_side * fit) >= floor:
-        sized = _resize(im, fit)
+        sized = _resize(im, fit, resample)
         return sized, [sized]
 
     # Too elongated to fit in one image and stay legible: keep the short side as large as
@@ -336,7 +344,7 @@ def _plan(
         # More tiles than we send in one upload: shrink below the legibility floor rather than
         # refuse; a smaller image the model can partly read beats no image.
         scale = longest_tiled / long_side
-    sized = _resize(im, scale) if scale < 1 else im
+    sized = _resize(im, scale, resample) if scale < 1 else im
     tall = sized.height >= sized.width
     length = sized.height if tall else sized.width
 
@@ -350,12 +358,14 @@ def _plan(
     return sized, tiles
 
 
-def _resize(im: Image.Image, scale: float) -> Image.Image:
+def _resize(
+    im: Image.Image, scale: float, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
     size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
     if size == im.size:
         return im
-    # LANCZOS keeps text edges sharp; Pillow premultiplies alpha while resampling.
-    return im.resize(size, Image.Resampling.LANCZOS)
+    # Pillow premultiplies alpha while resampling.
+    return im.resize(size, resample)
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -409,13 +419,13 @@ def _candidates(im: Image.Image, lossless: bool) -> Iterator[tuple[str, bytes]]:
 
 
 def _encode_jpeg(im: Image.Image, quality: int, subsampling: int) -> bytes:
-    plain = _save(im, "JPEG", quality=quality, subsampling=subsampling)
     # Optimised Huffman tables are a few % smaller for the same pixels, but Pillow gives libjpeg
     # a one-shot buffer of 1 byte/pixel when optimising, which near-random content overflows
-    # (libjpeg then fails with "Suspension not allowed here"). Only optimise when it fits.
-    if len(plain) >= im.width * im.height * 0.9:
-        return plain
-    return _save(im, "JPEG", quality=quality, subsampling=subsampling, optimize=True)
+    # (libjpeg then fails with "Suspension not allowed here"): only then encode without them.
+    try:
+        return _save(im, "JPEG", quality=quality, subsampling=subsampling, optimize=True)
+    except OSError:
+        return _save(im, "JPEG", quality=quality, subsampling=subsampling)
 
 
 def _encode_png(im: Image.Image) -> bytes:

@@ -414,3 +414,13 @@ def test_sha256_hex():
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+def test_a_jpeg_source_is_never_inflated_to_png():
+    # Flat colours would read as a screenshot, but a JPEG's pixels are already lossy: PNG would
+    # only add bytes.
+    flat = Image.new("RGB", (1200, 800), (40, 90, 200))
+    buffer = io.BytesIO()
+    flat.save(buffer, "JPEG", quality=95)
+    result = process_upload(buffer.getvalue())
+    assert [part.mime for part in result.parts] == ["image/jpeg"]
