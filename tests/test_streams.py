@@ -7,6 +7,7 @@ Real ASGI stack, real fake upstream over HTTP, and the configured database and c
 import asyncio
 import random
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -411,6 +412,43 @@ async def test_an_unreachable_provider_ends_as_an_error_after_the_retries(fake_u
     end = frames[-1]["message"]
     assert end["status"] == "error" and "connection" in end["error"]
     await ws.disconnect()
+
+
+async def test_a_provider_that_never_accepts_the_connection_hits_the_connect_timeout(
+    fake_upstream, settings
+):
+    settings.UPSTREAM_MAX_RETRIES = 0
+    settings.UPSTREAM_CONNECT_TIMEOUT = 0.5
+    with unaccepting_listener() as url:
+        settings.OPENAI_COMPAT_BASE_URL = url
+        reset_catalog_cache()
+        await database_sync_to_async(catalog_sync)()
+        user, conversation, ws = await start_reply(fake_upstream, stream_reply(["unused"]))
+        end = (await receive_until(ws, "reply.end", timeout=30))[-1]["message"]
+    assert end["status"] == "error"
+    assert end["error"] == "Could not reach the model provider in time."
+    await ws.disconnect()
+
+
+@contextmanager
+def unaccepting_listener():
+    """A loopback port whose accept queue is full: the kernel drops further SYNs, so a connect
+    hangs until the client's connect timeout (what an overloaded or firewalled host does)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
 
 
 def closed_port_url() -> str:
