@@ -24,10 +24,11 @@ WRITES = ("INSERT", "UPDATE", "DELETE")
 
 def count_statement(execute, sql, params, many, context):
     head = sql.lstrip()[:6].upper()
+    rows = len(params) if many else 1  # a batched statement counts once per row it writes
     with _lock:
-        COUNTS["statements"] += 1
+        COUNTS["statements"] += rows
         if head in WRITES:
-            COUNTS["writes"] += 1
+            COUNTS["writes"] += rows
     return execute(sql, params, many, context)
 
 

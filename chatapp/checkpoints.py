@@ -13,6 +13,7 @@ this process (reaper.PROCESS_ID).
 """
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -20,7 +21,7 @@ from typing import Protocol
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from . import reaper
@@ -83,16 +84,36 @@ def _save(batch: list[tuple[int, str, str, int]], renew: list[int]) -> None:
     # Only while still streaming and ours: the final save (or a reaper) must never be undone.
     ours = Message.objects.filter(status=Message.Status.STREAMING, owner=reaper.PROCESS_ID)
     with transaction.atomic():
-        for message_id, content, reasoning, seq in batch:
-            ours.filter(pk=message_id).update(
-                content=content,
-                reasoning=reasoning,
-                seq=seq,
-                lease_expires_at=lease,
-                updated_at=now,
-            )
+        if batch:
+            # One prepared statement for the whole batch: building an ORM update per reply
+            # held the GIL ~0.5 ms each (100 ms a second at 200 replies), stalling every stream.
+            adapt = connection.ops.adapt_datetimefield_value
+            rows = [
+                (content, reasoning, seq, adapt(lease), adapt(now), message_id)
+                + (Message.Status.STREAMING.value, reaper.PROCESS_ID)
+                for message_id, content, reasoning, seq in batch
+            ]
+            with connection.cursor() as cursor:
+                cursor.executemany(_checkpoint_sql(connection.vendor), rows)
         if renew:
             ours.filter(pk__in=renew).update(lease_expires_at=lease, updated_at=now)
+
+
+@functools.cache
+def _checkpoint_sql(vendor: str) -> str:
+    quote = connection.ops.quote_name
+
+    def column(name: str) -> str:
+        return quote(Message._meta.get_field(name).column)
+
+    assignments = ", ".join(
+        f"{column(name)} = %s"
+        for name in ("content", "reasoning", "seq", "lease_expires_at", "updated_at")
+    )
+    return (
+        f"UPDATE {quote(Message._meta.db_table)} SET {assignments} "
+        f"WHERE {column('id')} = %s AND {column('status')} = %s AND {column('owner')} = %s"
+    )
 
 
 _per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Checkpointer]" = (

@@ -173,8 +173,18 @@ class FakeUpstream:
         self._loop.run_forever()
 
     def close(self) -> None:
+        # Cancel the connections still open (stalls, slow streams) before the loop stops, so
+        # no handler is left pending when the loop is closed.
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
