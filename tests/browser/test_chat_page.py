@@ -415,11 +415,14 @@ def test_paste_a_screenshot_from_the_clipboard_and_ask(page, person, upstream):
     tray = page.get_by_role("list", name="Images to send")
     item = tray.get_by_role("listitem").filter(has_text="screenshot.png")
     expect(item).to_be_visible()
-    # The thumbnail (decorative: the name is written beside it) really shows the image.
+    expect(tray.get_by_text(re.compile(r"800×500 → 800×500, \d+ KB"))).to_be_visible()
+    # The thumbnail (decorative: the name is written beside it) really shows the image: once
+    # uploaded it switches to the server's thumbnail, so wait for that one to load.
     thumbnail = item.locator("img")
     expect(thumbnail).to_be_visible()
-    assert thumbnail.evaluate("img => img.complete && img.naturalWidth") > 0
-    expect(tray.get_by_text(re.compile(r"800×500 → 800×500, \d+ KB"))).to_be_visible()
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle()
+    )
     expect(tray.get_by_role("button", name="Remove screenshot.png")).to_be_visible()
     screenshot(page, "12-pasted-image")
 
