@@ -266,27 +266,18 @@ class OpenAICompatClient(ProviderClient):
                     item = parser.event(data)
                     if item is not None:
                         yield item
-        except httpx.ReadTimeout as exc:
-            raise ProviderError(
-                "The model stopped sending data; the reply was ended.",
-                retryable=True,
-                code="upstream_stalled",
-                detail=repr(exc),
-            ) from None
-        except httpx.TimeoutException as exc:
-            raise ProviderError(
-                "Could not reach the model provider in time.",
-                retryable=True,
-                code="upstream_timeout",
-                detail=repr(exc),
-            ) from None
         except httpx.TransportError as exc:
-            raise ProviderError(
-                "The connection to the model provider failed.",
-                retryable=True,
-                code="upstream_connection",
-                detail=repr(exc),
-            ) from None
+            message, code = transport_failure(exc)
+            raise ProviderError(message, retryable=True, code=code, detail=repr(exc)) from None
+
+
+def transport_failure(exc: httpx.TransportError) -> tuple[str, str]:
+    """(user message, code) for a network failure; every one of them is worth a retry."""
+    if isinstance(exc, httpx.ReadTimeout):  # no bytes for UPSTREAM_STALL_TIMEOUT
+        return "The model stopped sending data; the reply was ended.", "upstream_stalled"
+    if isinstance(exc, httpx.TimeoutException):
+        return "Could not reach the model provider in time.", "upstream_timeout"
+    return "The connection to the model provider failed.", "upstream_connection"
 
 
 def merge_reasoning_details(merged: list[dict], deltas: list[dict]) -> None:
