@@ -372,10 +372,25 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 # ---- entry points for the consumer ---------------------------------------------------------
 
 
-def _check_model(conversation: Conversation) -> None:
+def _admit(
+    *,
+    conversation: Conversation,
+    text: str,
+    before_id: int | None = None,
+    max_output_tokens: int | None = None,
+) -> None:
+    """The gates every new reply passes before anything is written, in one database hop: a
+    usable model, the context window, then budgets and the rate limit."""
     model = conversation.model
     if model is None or not model.enabled or not model.provider.enabled:
         raise ClientError("model_unavailable", "Pick a model before sending.")
+    if max_output_tokens is not None:  # "retry with a larger budget", kept on the conversation
+        context_window.conversation_set_max_output_tokens(
+            conversation=conversation, value=max_output_tokens
+        )
+    # Refuse a conversation about to overflow the window before anything is written.
+    context_window.check_send_fits(conversation=conversation, text=text, before_id=before_id)
+    teams.send_check(conversation=conversation)
 
 
 async def reply_send(
@@ -383,12 +398,7 @@ async def reply_send(
 ) -> tuple[Message, Message]:
     """Commit the user's message (and its images) and start the reply; returns (user message,
     reply)."""
-    _check_model(conversation)
-    # Refuse a conversation about to overflow the window before anything is written.
-    await database_sync_to_async(context_window.check_send_fits)(
-        conversation=conversation, text=text
-    )
-    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
+    await database_sync_to_async(_admit)(conversation=conversation, text=text)
     user_message, reply = await database_sync_to_async(turn_start)(
         conversation=conversation, text=text, user=user, attachment_ids=attachment_ids
     )
@@ -401,15 +411,9 @@ async def reply_regenerate(
 ) -> Message:
     """Write the last reply again (Retry after an error, or Regenerate), optionally with a
     larger output budget (kept on the conversation)."""
-    _check_model(conversation)
-    if max_output_tokens is not None:
-        await database_sync_to_async(context_window.conversation_set_max_output_tokens)(
-            conversation=conversation, value=max_output_tokens
-        )
-    await database_sync_to_async(context_window.check_send_fits)(
-        conversation=conversation, text="", before_id=reply_id
+    await database_sync_to_async(_admit)(
+        conversation=conversation, text="", before_id=reply_id, max_output_tokens=max_output_tokens
     )
-    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
     reply = await database_sync_to_async(turn_regenerate)(
         conversation=conversation, reply_id=reply_id
     )
@@ -421,12 +425,8 @@ async def reply_edit(
     *, conversation: Conversation, message_id: int, text: str
 ) -> tuple[Message, Message]:
     """Replace an earlier user message (and every later turn) and write a new reply to it."""
-    _check_model(conversation)
     # The same gates as a send: the edited turn must fit, and budgets / rate limits apply.
-    await database_sync_to_async(context_window.check_send_fits)(
-        conversation=conversation, text=text, before_id=message_id
-    )
-    await database_sync_to_async(teams.send_check)(conversation=conversation)  # budget, rate
+    await database_sync_to_async(_admit)(conversation=conversation, text=text, before_id=message_id)
     message, reply = await database_sync_to_async(turn_edit)(
         conversation=conversation, message_id=message_id, text=text
     )
