@@ -10,8 +10,8 @@ Contract:
   conversation exists); ``attachments_bind`` ties it to the user's message inside the send's
   transaction, enforcing vision, ownership and the per-message limits, or raises ClientError
   and the whole send rolls back.
-* ``attachment_get_for_user`` is the access rule for the image views: a sent image is visible to
-  whoever may see its conversation (conversations.conversation_get_for_user), an unsent one only
+* ``access.attachment_get_for_user`` is the access rule for the image views: a sent image is visible to
+  whoever may see its conversation (access.conversation_get_for_user), an unsent one only
   to its uploader.
 * ``conversation_delete`` deletes a conversation and every stored image only it referenced.
 
@@ -28,13 +28,13 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Prefetch, Q, prefetch_related_objects
-from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
 from PIL import Image
 
-from .conversations import ClientError, conversation_get_for_user
+from .errors import ClientError
 from .images import ProcessedUpload, data_url, sha256_hex
+from .model_catalog import models_for_user
 from .models import Attachment, AttachmentPart, Conversation, Message, StoredImage
 
 log = logging.getLogger(__name__)
@@ -164,25 +164,6 @@ def message_attachments_prefetch() -> Prefetch:
     )
 
 
-# ---- access ------------------------------------------------------------------------------------
-
-
-def attachment_get_for_user(user, pk) -> Attachment:
-    """Raises Http404 unless `user` may see this image."""
-    if not user.is_authenticated or not user.is_active:
-        raise Http404("No such image")
-    try:
-        attachment = Attachment.objects.select_related("thumbnail").get(pk=pk)
-    except (Attachment.DoesNotExist, ValueError, TypeError):
-        raise Http404("No such image") from None
-    if attachment.message_id is None:
-        if attachment.owner_id != user.pk:
-            raise Http404("No such image")
-    else:
-        conversation_get_for_user(user, attachment.conversation_id)
-    return attachment
-
-
 def read_image(image: StoredImage) -> bytes | None:
     try:
         return media_path(image.path).read_bytes()
@@ -195,8 +176,6 @@ def read_image(image: StoredImage) -> bytes | None:
 
 
 def vision_model_names(user) -> list[str]:
-    from .model_catalog import models_for_user
-
     return [m.display_name for m in models_for_user(user) if m.vision]
 
 

@@ -39,14 +39,9 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
 from . import context_window, events, generation
-from .conversations import (
-    ClientError,
-    conversation_get_for_user,
-    conversation_set_model,
-    last_reply,
-    message_to_dict,
-    model_get_for_user,
-)
+from .access import conversation_get_for_user, model_get_for_user
+from .conversations import conversation_set_model, last_reply, message_to_dict
+from .errors import ClientError
 
 log = logging.getLogger(__name__)
 

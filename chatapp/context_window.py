@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db.models import Sum
 from PIL import Image, UnidentifiedImageError
 
-from .conversations import ClientError
+from .errors import ClientError
 from .models import Conversation, Message, ModelConfig
 from .providers.base import ChatRequest
 

@@ -5,10 +5,16 @@ Synchronous ORM code; async callers go through database_sync_to_async.
 
 from django.db import transaction
 from django.db.models import prefetch_related_objects
-from django.http import Http404
 
 from . import teams
-from .model_catalog import models_for_user
+from .attachments import (
+    attachments_bind,
+    message_attachment_dicts,
+    message_attachments_prefetch,
+    messages_delete,
+    user_content,
+)
+from .errors import ClientError
 from .models import Conversation, Message, ModelConfig
 from .pricing import cache_savings
 
@@ -16,40 +22,8 @@ TITLE_MAX = 80
 UNSET = object()
 
 
-class ClientError(Exception):
-    """A refusal the user sees as {"type": "error", "code", "message"}."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def conversation_get_for_user(user, pk) -> Conversation:
-    """The one access rule for a conversation: raises Http404 when the user may not see it.
-
-    Only its owner, while their account is active, may see or use a conversation. Nobody else
-    does through the app: not a member of the same team, not a team admin (they see members'
-    spend and tokens, never their chats), not staff (staff read conversations in the Django
-    admin only). Every view, upload, image, export and socket goes through here.
-    """
-    if not user.is_authenticated or not user.is_active:
-        raise Http404("No such conversation")
-    try:
-        return Conversation.objects.select_related("model__provider").get(pk=pk, owner=user)
-    except (Conversation.DoesNotExist, ValueError, TypeError):
-        raise Http404("No such conversation") from None
-
-
 def conversation_list_for_user(user) -> list[Conversation]:
     return list(Conversation.objects.filter(owner=user).only("id", "title", "updated_at")[:200])
-
-
-def model_get_for_user(user, model_pk) -> ModelConfig:
-    for model in models_for_user(user):
-        if str(model.pk) == str(model_pk):
-            return model
-    raise ClientError("model_unavailable", "That model is not available to you.")
 
 
 def conversation_create(*, owner, model: ModelConfig | None, team=UNSET) -> Conversation:
@@ -98,8 +72,6 @@ def turn_start(
 ) -> tuple[Message, Message]:
     """Commit the user's message (with its images) and an empty streaming reply, before any
     upstream call. A refused attachment rolls everything back."""
-    from .attachments import attachments_bind, message_attachments_prefetch
-
     locked = _lock_idle(conversation)
     user_message = Message.objects.create(
         conversation=locked, role=Message.Role.USER, content=text, status=Message.Status.COMPLETE
@@ -145,8 +117,6 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
     message = locked.messages.filter(pk=message_id, role=Message.Role.USER).first()
     if message is None:
         raise ClientError("not_found", "That message is not in this conversation.")
-    from .attachments import message_attachments_prefetch, messages_delete
-
     messages_delete(messages=locked.messages.filter(id__gt=message.pk))
     message.content = text
     message.save(update_fields=["content", "updated_at"])
@@ -162,8 +132,6 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
 
     Built the same way every turn, so turn N+1's list starts with turn N's list plus its reply.
     """
-    from .attachments import message_attachments_prefetch, user_content
-
     messages: list[dict] = []
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
@@ -208,8 +176,6 @@ def message_to_dict(message: Message) -> dict:
 
     Attachments appear when they were prefetched (message_attachments_prefetch); never queries.
     """
-    from .attachments import message_attachment_dicts
-
     model = message.model
     return {
         "id": message.pk,
@@ -254,8 +220,6 @@ def last_reply(conversation: Conversation) -> Message | None:
 
 
 def conversation_messages(conversation: Conversation) -> list[dict]:
-    from .attachments import message_attachments_prefetch
-
     messages = conversation.messages.select_related("model").prefetch_related(
         message_attachments_prefetch()
     )

@@ -28,13 +28,13 @@ from django.utils import timezone
 
 from . import checkpoints, context_window, events, reaper, teams
 from .conversations import (
-    ClientError,
     history_for_request,
     message_to_dict,
     turn_edit,
     turn_regenerate,
     turn_start,
 )
+from .errors import ClientError
 from .models import Conversation, Message
 from .pricing import reply_cost
 from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage

@@ -25,15 +25,16 @@ from django.views.csrf import csrf_failure as default_csrf_failure
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import images
+from .access import attachment_get_for_user, conversation_get_for_user, model_get_for_user
 from .attachments import (
     attachment_create,
     attachment_delete,
-    attachment_get_for_user,
     attachment_to_dict,
     attachments_purge_unsent,
     read_image,
 )
-from .conversations import ClientError, conversation_get_for_user
+from .errors import ClientError
+from .model_catalog import default_model_for
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,6 @@ def _process(data: bytes, max_edge: int) -> images.ProcessedUpload:
 
 def _resolve_target(user, conversation_id: str, model_id: str):
     """-> (conversation or None, the longest edge to prepare for). Raises Http404 / ClientError."""
-    from .conversations import model_get_for_user
-    from .model_catalog import default_model_for
-
     conversation = conversation_get_for_user(user, conversation_id) if conversation_id else None
     if model_id:
         model = model_get_for_user(user, model_id)

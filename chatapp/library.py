@@ -10,7 +10,9 @@ from decimal import Decimal
 from django.db.models import Q
 
 from . import attachments
-from .conversations import ClientError, conversation_messages, model_get_for_user
+from .access import model_get_for_user
+from .conversations import conversation_messages
+from .errors import ClientError
 from .images import data_url
 from .models import Attachment, Conversation, Message, ModelConfig, Provider
 from .providers.moonshot import FIXED_SAMPLING_MODELS

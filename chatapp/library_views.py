@@ -10,7 +10,8 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
 from . import library
-from .conversations import ClientError, conversation_get_for_user
+from .access import conversation_get_for_user
+from .errors import ClientError
 
 
 def _error(exc: ClientError) -> JsonResponse:

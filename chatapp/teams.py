@@ -26,6 +26,7 @@ from django.db import transaction
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
+from .errors import ClientError
 from .models import Conversation, Membership, Message, ModelConfig, Team, UsageRecord
 from .pricing import reply_cost
 
@@ -210,8 +211,6 @@ def _reset_text(end: dt.datetime) -> str:
 def budget_check(*, conversation: Conversation, user) -> None:
     """Refuse (ClientError) a send when the conversation's team is at its budget or the user at
     their cap, or the conversation's model is not allowed for its team."""
-    from .conversations import ClientError  # conversations imports model_catalog imports us
-
     team = conversation.team
     if team is None:
         return
@@ -253,8 +252,6 @@ def budget_check(*, conversation: Conversation, user) -> None:
 
 def rate_limit_check(*, user) -> None:
     """Count one request against the user's per-minute limit; refuse (ClientError) past it."""
-    from .conversations import ClientError
-
     limit = settings.USER_REQUESTS_PER_MINUTE
     if limit <= 0:
         return

@@ -6,15 +6,10 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from .access import conversation_get_for_user, model_get_for_user
 from .context_window import context_state
-from .conversations import (
-    ClientError,
-    conversation_create,
-    conversation_get_for_user,
-    conversation_list_for_user,
-    conversation_messages,
-    model_get_for_user,
-)
+from .conversations import conversation_create, conversation_list_for_user, conversation_messages
+from .errors import ClientError
 from .health import health_status
 from .library import conversation_settings_to_dict, model_to_dict
 from .model_catalog import default_model_for, models_for_user

@@ -1,6 +1,6 @@
 """Who may do what: every URL and websocket action x every kind of visitor, exact statuses.
 
-The rule (conversations.conversation_get_for_user): only the owner, while active, sees or uses
+The rule (access.conversation_get_for_user): only the owner, while active, sees or uses
 a conversation; same-team members, team admins and staff get 404 / close 4403 like strangers.
 
 To cover a new URL, add one Case to URL_CASES: the method, a function building the path from the

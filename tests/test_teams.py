@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from chatapp import teams
-from chatapp.conversations import ClientError
+from chatapp.errors import ClientError
 from chatapp.model_catalog import models_for_user
 from chatapp.models import Conversation, Message, ModelConfig, UsageRecord
 from tests.conftest import connect, receive_until
