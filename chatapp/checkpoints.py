@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 class Streaming(Protocol):
     message_id: int
-    seq: int
-    sent_content: str
-    sent_reasoning: str
+
+    def checkpoint(self) -> tuple[str, str, int]:
+        """(content, reasoning, seq): the text so far, consistent with its seq."""
 
 
 class _Checkpointer:
@@ -63,11 +63,12 @@ class _Checkpointer:
             batch, renew = [], []
             now = time.monotonic()
             for message_id, reply in list(self.replies.items()):
-                size = len(reply.sent_content) + len(reply.sent_reasoning)
+                content, reasoning, seq = reply.checkpoint()
+                size = len(content) + len(reasoning)
                 if size != self.saved.get(message_id):
                     self.saved[message_id] = size
                     self.renewed[message_id] = now
-                    batch.append((message_id, reply.sent_content, reply.sent_reasoning, reply.seq))
+                    batch.append((message_id, content, reasoning, seq))
                 elif now - self.renewed.get(message_id, 0.0) >= renew_every:
                     self.renewed[message_id] = now
                     renew.append(message_id)

@@ -1,34 +1,7 @@
-"""Websocket transport for one conversation: authenticate, parse, delegate, forward frames.
+"""Websocket transport for one conversation: authenticate, parse, validate, delegate.
 
-Client frames:
-- {"type": "send", "text", "model"?, "attachments"?: [uploaded image ids]}: save the message
-  and start a reply.
-- {"type": "stop"}: stop the conversation's running reply, whichever process writes it.
-- {"type": "state"}: ask for a fresh "state" frame (the page does this when it sees a seq gap).
-- {"type": "regenerate", "message_id", "max_output_tokens"?}: Retry / Regenerate the last
-  reply, optionally with a larger output budget.
-- {"type": "edit", "message_id", "text"}: change an earlier user message; every later message
-  is dropped and a new reply is written to the edited one.
-- {"type": "ping"}: answered with {"type": "pong"}; the page sends it every ~25 s to find dead
-  connections (a closed laptop lid, a proxy that dropped the socket silently).
-
-Server frames:
-- "state" {reply: {message_id, seq, content, reasoning, status} | null, last?: message}: sent on
-  every connect and on request. `reply` is the running reply's exact text so far and its seq;
-  when nothing runs, `last` is the latest reply's final form (it may have ended while away).
-- "delta" {message_id, seq, text?, reasoning?}: the next slice of the running reply. After a
-  "state" frame this socket receives only deltas with seq > the state's seq, in order, each once:
-  append them. A seq that is not last seq + 1 can only follow a lost connection; ask for "state".
-- "message" {message, reply, title, client_id}: a user message was saved and its reply started.
-- "reply.status" {message_id, text}: e.g. "retrying (2/4)…" or waiting in line, before the
-  first token.
-- "reply.end" {message}: the reply's final form (complete / cancelled / error / interrupted).
-  It may arrive more than once for one reply (e.g. after a reconnect); render it by id.
-- "reply.replaced" {old_id, reply}: Retry / Regenerate replaced a reply with a new one.
-- "message.edited" {message, reply}: an edit; every message after `message` is gone.
-- "error" {code, message, message_id?}: a refused frame, or (with message_id) a reply's failure.
-"state" and "reply.end" also carry "context" {used, window, percent, budget, cache_hit_rate}:
-how full the context window is.
+The protocol (client frames, server frames, which carry a seq) is documented once, in
+chatapp/events; every frame is built there and every channel-layer call is made there.
 """
 
 import json
@@ -40,7 +13,7 @@ from django.http import Http404
 
 from . import context_window, events, generation
 from .access import conversation_get_for_user, model_get_for_user
-from .conversations import conversation_set_model, last_reply, message_to_dict
+from .conversations import conversation_set_model, last_reply
 from .errors import ClientError
 
 log = logging.getLogger(__name__)
@@ -48,6 +21,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 100_000
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_TRY_AGAIN = 1013  # the channel layer is down: the page reconnects with backoff
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -69,21 +43,28 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except Http404:
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        self.group = events.conversation_group(self.conversation.pk)
         self.attached = {}
         # Join before reading the state: every delta after the snapshot then reaches us (deltas
-        # that arrive meanwhile wait in our channel until send_state returns).
-        await events.conversation_join(self.conversation.pk, self.channel_name)
-        self.user_group = events.user_group(user.pk)  # deactivation closes every socket
-        await self.channel_layer.group_add(self.user_group, self.channel_name)
+        # that arrive meanwhile wait in our channel until send_state returns). The user's group
+        # lets losing access close every socket.
+        try:
+            await events.socket_join(
+                socket=self, conversation_id=self.conversation.pk, user_id=user.pk
+            )
+        except Exception as exc:  # the channel layer is down: the page tries again shortly
+            log.warning("socket refused, channel layer unavailable: %r", exc)
+            self.conversation = None
+            await self.close(code=CLOSE_TRY_AGAIN)
+            return
         await self.accept()
         await self.send_state()
 
     async def disconnect(self, code: int) -> None:
         # The reply goes on without us: generation is not tied to the socket.
         if self.conversation is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            await self.channel_layer.group_discard(self.user_group, self.channel_name)
+            await events.socket_leave(
+                socket=self, conversation_id=self.conversation.pk, user_id=self.scope["user"].pk
+            )
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
         try:
@@ -97,15 +78,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 raise ClientError("bad_frame", "A frame must be a JSON object with a type.")
             await self.receive_json(content)
         except ClientError as exc:
-            await self.send_json({"type": "error", "code": exc.code, "message": exc.message})
+            await self.send_json(events.frame_error(code=exc.code, message=exc.message))
         except Http404:  # access lost while connected (e.g. deactivated)
             await self.send_json(
-                {"type": "error", "code": "forbidden", "message": "You no longer have access."}
+                events.frame_error(code="forbidden", message="You no longer have access.")
             )
         except Exception:
             log.exception("websocket frame failed")
             await self.send_json(
-                {"type": "error", "code": "server_error", "message": "Something went wrong."}
+                events.frame_error(code="server_error", message="Something went wrong.")
             )
 
     async def receive_json(self, content: dict, **kwargs) -> None:
@@ -149,15 +130,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         user_message, reply = await generation.reply_send(
             conversation=conversation, text=text, user=user, attachment_ids=attachment_ids
         )
-        await events.broadcast(
+        await events.deliver(
             conversation.pk,
-            {
-                "type": "message",
-                "message": message_to_dict(user_message),
-                "reply": message_to_dict(reply),
-                "title": conversation.title,
-                "client_id": content.get("client_id"),
-            },
+            events.frame_message(
+                user_message=user_message,
+                reply=reply,
+                title=conversation.title,
+                client_id=content.get("client_id"),
+            ),
         )
 
     async def handle_regenerate(self, content: dict) -> None:
@@ -173,9 +153,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         reply = await generation.reply_regenerate(
             conversation=conversation, reply_id=reply_id, max_output_tokens=budget
         )
-        await events.broadcast(
-            conversation.pk,
-            {"type": "reply.replaced", "old_id": reply_id, "reply": message_to_dict(reply)},
+        await events.deliver(
+            conversation.pk, events.frame_reply_replaced(old_id=reply_id, reply=reply)
         )
 
     async def handle_edit(self, content: dict) -> None:
@@ -194,13 +173,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         message, reply = await generation.reply_edit(
             conversation=conversation, message_id=message_id, text=text
         )
-        await events.broadcast(
-            conversation.pk,
-            {
-                "type": "message.edited",
-                "message": message_to_dict(message),
-                "reply": message_to_dict(reply),
-            },
+        await events.deliver(
+            conversation.pk, events.frame_message_edited(message=message, reply=reply)
         )
 
     async def handle_stop(self, content: dict) -> None:
@@ -211,19 +185,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_state()
 
     async def handle_ping(self, content: dict) -> None:
-        await self.send_json({"type": "pong"})
+        await self.send_json(events.frame_pong())
 
     async def send_state(self) -> None:
         state = await generation.reply_state(conversation=self.conversation)
-        frame = {"type": "state", "reply": state}
-        frame["context"] = await context_window.acontext_for(self.conversation.pk)
+        last = None
         if state is not None:
             self.attached[state["message_id"]] = state["seq"]
-        if state is None:
+        else:
             # A reply may have ended while this socket was away: send its final form.
             last = await database_sync_to_async(last_reply)(self.conversation)
-            frame["last"] = message_to_dict(last) if last else None
-        await self.send_json(frame)
+        context = await context_window.acontext_for(self.conversation.pk)
+        await self.send_json(events.frame_state(reply=state, context=context, last=last))
 
     # ---- channel-layer events ----------------------------------------------------------------
 

@@ -13,7 +13,13 @@ interrupted once the lease runs out. A socket on another process gets the runnin
 by asking over the channel layer (events.ask_state); this task answers from memory.
 
 `Generation._save_final` is the one place a running reply reaches its terminal state (complete,
-cancelled, error, or interrupted at shutdown); the reaper covers replies whose process died.
+cancelled, error, or interrupted at shutdown); the reaper covers replies whose process died. The
+two can never both end a reply: each writes the terminal status only while the row is still
+streaming (and, for the owner, still its own), and the usage record goes in the same transaction.
+
+Channel-layer faults never end a reply: a failed publish is logged and the frame's text counts as
+sent (sockets see the seq gap, or "layer.up", and ask for state); checkpoints keep saving what
+the provider sent, so a crash during an outage loses at most one checkpoint interval.
 """
 
 import asyncio
@@ -22,18 +28,12 @@ import random
 import time
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from . import checkpoints, context_window, events, reaper, teams
-from .conversations import (
-    history_for_request,
-    message_to_dict,
-    turn_edit,
-    turn_regenerate,
-    turn_start,
-)
+from .conversations import history_for_request, turn_edit, turn_regenerate, turn_start
 from .errors import ClientError
 from .models import Conversation, Message
 from .pricing import reply_cost
@@ -115,10 +115,7 @@ class Generation:
 
     async def run(self) -> None:
         await database_sync_to_async(reaper.reply_lease_take)(message_id=self.message_id)
-        layer = get_channel_layer()
-        stop_channel = await layer.new_channel()
-        await layer.group_add(events.generation_group(self.message_id), stop_channel)
-        listener = asyncio.create_task(self._listen(layer, stop_channel))
+        listener = asyncio.create_task(self._listen())
         flusher = asyncio.create_task(self._flusher())
         checkpointer = asyncio.create_task(self._checkpointer())
         status, error = Message.Status.COMPLETE, ""
@@ -136,14 +133,11 @@ class Generation:
         except ProviderError as exc:
             log.warning("reply %s failed: %r %s", self.message_id, exc, exc.detail[:500])
             status, error = Message.Status.ERROR, exc.user_message
-            await events.broadcast(
+            await events.deliver(
                 self.conversation_id,
-                {
-                    "type": "error",
-                    "code": exc.code,
-                    "message": exc.user_message,
-                    "message_id": self.message_id,
-                },
+                events.frame_error(
+                    code=exc.code, message=exc.user_message, message_id=self.message_id
+                ),
             )
         except Exception:
             log.exception("reply %s failed unexpectedly", self.message_id)
@@ -152,7 +146,6 @@ class Generation:
             if self.finish_reason == "length" and not "".join(self.content).strip():
                 status, error = Message.Status.ERROR, THINKING_BUDGET_MESSAGE
         await self._finish(status, error, listener, flusher, checkpointer)
-        await layer.group_discard(events.generation_group(self.message_id), stop_channel)
 
     async def _stream_with_retries(self) -> None:
         retries = settings.UPSTREAM_MAX_RETRIES
@@ -169,13 +162,11 @@ class Generation:
                 self.retries = attempt
                 delay = retry_delay(attempt, exc.retry_after)
                 log.info("reply %s: %r, retry %s in %.1fs", self.message_id, exc, attempt, delay)
-                await events.broadcast(
+                await events.publish(
                     self.conversation_id,
-                    {
-                        "type": "reply.status",
-                        "message_id": self.message_id,
-                        "text": f"retrying ({attempt}/{retries})…",
-                    },
+                    events.frame_reply_status(
+                        message_id=self.message_id, text=f"retrying ({attempt}/{retries})…"
+                    ),
                 )
                 await asyncio.sleep(delay)
 
@@ -251,9 +242,12 @@ class Generation:
             if not self._streaming_done:
                 await asyncio.sleep(interval)
 
-    async def _send_pending(self) -> None:
+    def _commit_pending(self) -> dict | None:
+        """Give the waiting text the next seq: from here on it counts as sent, and the state
+        snapshot and checkpoints include it. A socket that misses its frame (a channel-layer
+        outage) sees the seq gap and asks for state, so nothing is shown twice or lost."""
         if not (self._pending_content or self._pending_reasoning):
-            return
+            return None
         text = "".join(self._pending_content)
         reasoning = "".join(self._pending_reasoning)
         self._pending_content.clear()
@@ -261,22 +255,42 @@ class Generation:
         self.seq += 1
         self.sent_content += text
         self.sent_reasoning += reasoning
-        frame: dict = {"type": "delta", "message_id": self.message_id, "seq": self.seq}
-        if text:
-            frame["text"] = text
-        if reasoning:
-            frame["reasoning"] = reasoning
-        await events.broadcast(self.conversation_id, frame)
+        return events.frame_delta(
+            message_id=self.message_id, seq=self.seq, text=text, reasoning=reasoning
+        )
 
-    async def _listen(self, layer, channel: str) -> None:
-        """Stop requests and state requests from sockets on any process."""
+    async def _send_pending(self) -> None:
+        frame = self._commit_pending()
+        if frame is not None:
+            await events.publish(self.conversation_id, frame)  # never raises
+
+    def checkpoint(self) -> tuple[str, str, int]:
+        """(content, reasoning, seq) to save. While the layer is down the flusher may be stuck
+        in a publish: commit what waits, so the checkpoint holds what the provider sent."""
+        if not events.layer_is_up():
+            self._commit_pending()
+        return self.sent_content, self.sent_reasoning, self.seq
+
+    async def _listen(self) -> None:
+        """Stop requests and state requests from sockets on any process; joins again after a
+        channel-layer outage kept it from joining."""
         while True:
-            message = await layer.receive(channel)
-            kind = message.get("type")
-            if kind == "generation.stop":
-                self.stop()
-            elif kind == "generation.state" and message.get("reply_to"):
-                await events.answer_state(message["reply_to"], self.state())
+            try:
+                channel = await events.generation_listen(self.message_id)
+            except Exception as exc:
+                log.info("reply %s: cannot listen for stop requests yet: %r", self.message_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                while True:
+                    message = await events.generation_receive(channel)
+                    kind = message.get("type")
+                    if kind == "generation.stop":
+                        self.stop()
+                    elif kind == "generation.state" and message.get("reply_to"):
+                        await events.answer_state(message["reply_to"], self.state())
+            finally:
+                await events.generation_unlisten(self.message_id, channel)
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -292,25 +306,12 @@ class Generation:
         checkpointer.cancel()
         self._streaming_done = True
         self._has_pending.set()
-        try:
-            await flusher
-        except Exception:  # a failed last broadcast must not lose the save below
-            log.exception("reply %s: last flush failed", self.message_id)
-        try:
-            message = await database_sync_to_async(self._save_final)(status, error)
-        except Message.DoesNotExist:  # deleted with its conversation while being written
-            RUNNING.pop(self.message_id, None)
-            log.info("reply %s: gone before its final save", self.message_id)
-            return
+        await flusher  # publishing never raises
+        message = await self._save_final_retrying(status, error)
         RUNNING.pop(self.message_id, None)
-        await events.broadcast(
-            self.conversation_id,
-            {
-                "type": "reply.end",
-                "message": message_to_dict(message),
-                "context": await context_window.acontext_for(self.conversation_id),
-            },
-        )
+        if message is None:
+            return
+        await events.reply_end(message=message)
         log.info(
             "reply conversation=%s message=%s model=%s status=%s prompt=%s cached=%s "
             "completion=%s ttft_ms=%s duration_ms=%d retries=%d",
@@ -332,34 +333,75 @@ class Generation:
             return None
         return int((self.first_token_at - self.started) * 1000)
 
-    def _save_final(self, status: str, error: str) -> Message:
-        message = Message.objects.select_related("model").get(pk=self.message_id)
-        message.content = "".join(self.content)
-        message.reasoning = "".join(self.reasoning)
-        message.status = status
-        message.error = error
-        message.finish_reason = self.finish_reason or ""
-        message.seq = self.seq
-        message.time_to_first_token_ms = self.ttft_ms
-        message.lease_expires_at = None
+    async def _save_final_retrying(self, status: str, error: str) -> Message | None:
+        """The final save, retried with backoff through a database outage (a failover, a
+        restarted pooler). None when the reply is not ours to end any more, or the database
+        stayed away too long (the reaper then ends it from its last checkpoint)."""
+        deadline = time.monotonic() + settings.STREAM_FINAL_SAVE_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                return await database_sync_to_async(self._save_final)(status, error)
+            except DatabaseError as exc:
+                if time.monotonic() > deadline:
+                    log.error("reply %s: final save abandoned: %r", self.message_id, exc)
+                    return None
+                log.warning("reply %s: final save failed (%r), retrying", self.message_id, exc)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(5.0, delay * 2)
+
+    def _save_final(self, status: str, error: str) -> Message | None:
+        """Write the terminal state and its usage record in one transaction, only if the reply
+        is still streaming under this process (compare-and-set against the reaper)."""
+        message = (
+            Message.objects.select_related("model__provider").filter(pk=self.message_id).first()
+        )
+        if message is None:  # deleted with its conversation while being written
+            log.info("reply %s: gone before its final save", self.message_id)
+            return None
+        now = timezone.now()
+        fields = {
+            "content": "".join(self.content),
+            "reasoning": "".join(self.reasoning),
+            "status": status,
+            "error": error,
+            "finish_reason": self.finish_reason or "",
+            "seq": self.seq,
+            "time_to_first_token_ms": self.ttft_ms,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
         if self.tool_calls:
-            message.tool_calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            fields["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         if self.reasoning_details:
-            message.reasoning_details = self.reasoning_details
+            fields["reasoning_details"] = self.reasoning_details
         if self.usage is not None:
-            message.prompt_tokens = self.usage.prompt_tokens
-            message.cached_tokens = self.usage.cached_tokens
-            message.completion_tokens = self.usage.completion_tokens
+            fields["prompt_tokens"] = self.usage.prompt_tokens
+            fields["cached_tokens"] = self.usage.cached_tokens
+            fields["completion_tokens"] = self.usage.completion_tokens
             if message.model is not None:
-                message.cost_usd = reply_cost(
+                fields["cost_usd"] = reply_cost(
                     model=message.model,
                     prompt_tokens=self.usage.prompt_tokens,
                     cached_tokens=self.usage.cached_tokens,
                     completion_tokens=self.usage.completion_tokens,
                 )
-        message.save()
-        teams.usage_record_for_reply(message=message)
-        Conversation.objects.filter(pk=self.conversation_id).update(updated_at=timezone.now())
+        with transaction.atomic():
+            ended = Message.objects.filter(
+                pk=self.message_id, status=Message.Status.STREAMING, owner=reaper.PROCESS_ID
+            ).update(**fields)
+            if not ended:
+                log.warning(
+                    "reply %s was ended elsewhere (the reaper?): this process's end (%s) is "
+                    "dropped",
+                    self.message_id,
+                    status,
+                )
+                return None
+            for name, value in fields.items():
+                setattr(message, name, value)
+            teams.usage_record_for_reply(message=message)
+            Conversation.objects.filter(pk=self.conversation_id).update(updated_at=now)
         return message
 
 
@@ -442,8 +484,8 @@ async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generat
 
     async def waiting(position: int) -> None:
         text = f"waiting for the provider: {ordinal(position)} in line" if position else ""
-        await events.broadcast(
-            conversation.pk, {"type": "reply.status", "message_id": reply.pk, "text": text}
+        await events.publish(
+            conversation.pk, events.frame_reply_status(message_id=reply.pk, text=text)
         )
 
     client = GatedClient(

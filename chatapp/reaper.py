@@ -24,11 +24,11 @@ from datetime import datetime, timedelta
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from . import events, teams
-from .conversations import message_to_dict
 from .models import Message
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,22 @@ def replies_reap_expired(*, now: datetime | None = None) -> list[Message]:
     )
     reaped = []
     for pk in ids:
-        # Re-checked in the UPDATE itself: a heartbeat that landed meanwhile wins.
-        updated = (
-            Message.objects.filter(pk=pk, status=Message.Status.STREAMING)
-            .filter(stale)
-            .update(
-                status=Message.Status.INTERRUPTED,
-                error=INTERRUPTED_MESSAGE,
-                lease_expires_at=None,
-                updated_at=now,
+        # Re-checked in the UPDATE itself (compare-and-set): a heartbeat or the owner's own
+        # final save that landed meanwhile wins. The usage record goes in the same transaction.
+        with transaction.atomic():
+            updated = (
+                Message.objects.filter(pk=pk, status=Message.Status.STREAMING)
+                .filter(stale)
+                .update(
+                    status=Message.Status.INTERRUPTED,
+                    error=INTERRUPTED_MESSAGE,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
             )
-        )
-        if updated:
-            reaped.append(Message.objects.select_related("model").get(pk=pk))
-            teams.usage_record_for_reply(message=reaped[-1])  # a terminal state: one record
+            if updated:
+                reaped.append(Message.objects.select_related("model__provider").get(pk=pk))
+                teams.usage_record_for_reply(message=reaped[-1])  # a terminal state: one record
     for message in reaped:
         log.warning(
             "reply conversation=%s message=%s status=interrupted owner=%s reaped_by=%s",
@@ -94,9 +96,7 @@ async def reap_once() -> int:
     """Reap expired replies and tell every socket on their conversations."""
     reaped = await database_sync_to_async(replies_reap_expired)()
     for message in reaped:
-        await events.broadcast(
-            message.conversation_id, {"type": "reply.end", "message": message_to_dict(message)}
-        )
+        await events.reply_end(message=message)
     return len(reaped)
 
 

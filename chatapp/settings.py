@@ -76,6 +76,10 @@ def database_from_url(url: str) -> dict:
         "HOST": parsed.hostname or "",
         "PORT": str(parsed.port or ""),
         "OPTIONS": options,
+        # A connection PostgreSQL has dropped (failover, pg_terminate_backend, a restarted
+        # pooler) is replaced before use instead of failing the request: with the pool this is
+        # psycopg_pool's check on every checkout, without it Django's per-request check.
+        "CONN_HEALTH_CHECKS": True,
         # Under ASGI every request may run in a fresh thread: keep connections per request
         # unless a pooler is configured.
         "CONN_MAX_AGE": conn_max_age,
@@ -177,7 +181,7 @@ if REDIS_URL:
     # shared Redis key, and a cancelled receive (any socket closing) can drop a message meant
     # for another socket. Pub/sub delivers to every live subscriber and loses nothing on a
     # healthy connection; the one race it has (a SUBSCRIBE not yet active when the next message
-    # is published) is closed by events.conversation_join's round trip.
+    # is published) is closed by events.socket_join's round trip.
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
@@ -185,7 +189,9 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "chatapp.layers.LocalInMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "chatapp.events.memory_layer.LocalInMemoryChannelLayer"}
+    }
 
 # Login throttling and rate limits count in the cache, so it must be shared by every process:
 # Redis when REDIS_URL is set, else a table in the database (`createcachetable`).
@@ -308,6 +314,12 @@ STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0)
 REAPER_INTERVAL = env_float("REAPER_INTERVAL", 10.0)
 # How long a socket waits for another process to answer "what is this reply's text so far".
 STREAM_STATE_TIMEOUT = env_float("STREAM_STATE_TIMEOUT", 3.0)
+# How often a process with open sockets checks its channel layer (Redis) is up, so its sockets
+# can show "reconnecting…" during an outage (seconds).
+LAYER_WATCH_INTERVAL = env_float("LAYER_WATCH_INTERVAL", 1.0)
+# A reply's final save (text, status, usage record) is retried this long through a database
+# outage before the reply is left to the reaper (seconds).
+STREAM_FINAL_SAVE_RETRY_SECONDS = env_float("STREAM_FINAL_SAVE_RETRY_SECONDS", 300.0)
 
 LOGGING = {
     "version": 1,

@@ -253,22 +253,40 @@ class OpenAICompatClient(ProviderClient):
                     yield parse_completion(await response.aread(), self.error_mapper)
                     return
                 sse = SSEParser()
+                finished = False  # a finish_reason arrived: usage may still follow, or EOF
                 async for chunk in response.aiter_raw():
                     for data in sse.feed(chunk):
                         if data == "[DONE]":
                             return
                         item = parser.event(data)
                         if item is not None:
+                            finished = finished or bool(item.finish_reason)
                             yield item
                 for data in sse.close():
                     if data == "[DONE]":
                         return
                     item = parser.event(data)
                     if item is not None:
+                        finished = finished or bool(item.finish_reason)
                         yield item
+                if not finished:
+                    # A clean close in the middle of a reply (a proxy timeout, a restarted
+                    # server): the text so far is not the whole answer.
+                    raise ProviderError(
+                        TRUNCATED_MESSAGE,
+                        retryable=True,
+                        code="upstream_truncated",
+                        detail="the stream ended without a finish_reason or [DONE]",
+                    )
         except httpx.TransportError as exc:
             message, code = transport_failure(exc)
             raise ProviderError(message, retryable=True, code=code, detail=repr(exc)) from None
+
+
+TRUNCATED_MESSAGE = (
+    "The provider ended the reply before it was finished. The text so far is kept; "
+    "press Retry to write it again."
+)
 
 
 def transport_failure(exc: httpx.TransportError) -> tuple[str, str]:

@@ -1,0 +1,428 @@
+"""The websocket protocol, and the one place that talks to the channel layer.
+
+Every frame a socket receives is built here, and every `group_send`, `group_add` and
+`group_discard` is made here (memory_layer.py beside it is the embedded default's layer itself).
+
+Groups: every socket watching a conversation (in any process) is in `conversation.<id>`; every
+running reply listens on `generation.<message id>` for stop and state requests, answered on the
+asker's own channel; every socket of a user is in `user.<id>` so losing access closes them all.
+
+Client frames (handled by consumers.ChatConsumer):
+- "send" {text, model?, attachments?: [image ids], client_id?}: save a message, start a reply.
+- "stop": stop the conversation's running reply, whichever process writes it.
+- "state": ask for a fresh "state" frame (after a seq gap, a "layer.up", or a quiet spell).
+- "regenerate" {message_id, max_output_tokens?}: Retry / Regenerate the last reply.
+- "edit" {message_id, text}: change an earlier user message and write a new reply to it.
+- "ping": answered with "pong" (the page sends one every ~25 s).
+
+Server frames (seq: only "delta" carries one; every other frame is harmless when repeated):
+- "state" {reply: {message_id, seq, content, reasoning, status} | null, last?, context}: sent on
+  connect and on request. `reply` is the running reply's text so far and its seq; when nothing
+  runs, `last` is the latest reply's final form (it may have ended while away).
+- "delta" {message_id, seq, text?, reasoning?}: the next slice of the running reply. After a
+  "state" the socket receives deltas with seq > the state's seq, in order, each once. A seq that
+  is not last seq + 1 means frames were lost (a dropped socket, a channel-layer outage): the page
+  asks for "state" and continues from it.
+- "message" {message, reply, title, client_id}: a user message was saved and its reply started.
+- "reply.status" {message_id, text}: "retrying (2/4)…" or a place in the provider's queue.
+- "reply.end" {message_id, status, seq, message, context}: the reply's final form. Delivered at
+  least once (retried until the layer takes it); render it by id.
+- "reply.replaced" {old_id, reply}: Retry / Regenerate replaced a reply with a new one.
+- "message.edited" {message, reply}: an edit; every message after `message` is gone.
+- "error" {code, message, message_id?}: a refused frame, or (with message_id) a reply's failure.
+- "layer.down" / "layer.up": this server lost / regained its channel layer (Redis). The page
+  shows "reconnecting…" meanwhile and asks for "state" on "layer.up".
+- "pong".
+"context" is {used, window, percent, budget, cache_hit_rate}: how full the context window is.
+
+Publishing on the streaming path never raises into the reply: `publish` reports failure,
+`deliver` retries with backoff until the layer takes the frame. Frames are encoded to JSON once
+here, so a consumer forwards text without re-encoding it per token.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import weakref
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from ..context_window import acontext_for
+from ..conversations import message_to_dict
+
+log = logging.getLogger(__name__)
+
+# A publish that takes longer than this counts as failed (a hung Redis must not hold a reply).
+PUBLISH_TIMEOUT = 2.0
+# At-least-once frames: backoff between tries, and how long to keep trying.
+DELIVER_BACKOFF = (0.1, 5.0)
+DELIVER_GIVE_UP = 600.0
+
+
+def conversation_group(conversation_id: int) -> str:
+    return f"conversation.{conversation_id}"
+
+
+def generation_group(message_id: int) -> str:
+    return f"generation.{message_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+# ---- frames ------------------------------------------------------------------------------------
+
+
+def encode(frame: dict) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def frame_state(*, reply: dict | None, context: dict, last=None) -> dict:
+    frame = {"type": "state", "reply": reply, "context": context}
+    if reply is None:
+        frame["last"] = message_to_dict(last) if last is not None else None
+    return frame
+
+
+def frame_delta(*, message_id: int, seq: int, text: str, reasoning: str) -> dict:
+    frame: dict = {"type": "delta", "message_id": message_id, "seq": seq}
+    if text:
+        frame["text"] = text
+    if reasoning:
+        frame["reasoning"] = reasoning
+    return frame
+
+
+def frame_message(*, user_message, reply, title: str, client_id) -> dict:
+    return {
+        "type": "message",
+        "message": message_to_dict(user_message),
+        "reply": message_to_dict(reply),
+        "title": title,
+        "client_id": client_id,
+    }
+
+
+def frame_reply_status(*, message_id: int, text: str) -> dict:
+    return {"type": "reply.status", "message_id": message_id, "text": text}
+
+
+def frame_reply_end(*, message, context: dict | None) -> dict:
+    """The one shape of a reply's end, whoever ends it (its generation or the reaper)."""
+    return {
+        "type": "reply.end",
+        "message_id": message.pk,
+        "status": message.status,
+        "seq": message.seq,
+        "message": message_to_dict(message),
+        "context": context,
+    }
+
+
+def frame_reply_replaced(*, old_id: int, reply) -> dict:
+    return {"type": "reply.replaced", "old_id": old_id, "reply": message_to_dict(reply)}
+
+
+def frame_message_edited(*, message, reply) -> dict:
+    return {
+        "type": "message.edited",
+        "message": message_to_dict(message),
+        "reply": message_to_dict(reply),
+    }
+
+
+def frame_error(*, code: str, message: str, message_id: int | None = None) -> dict:
+    frame: dict = {"type": "error", "code": code, "message": message}
+    if message_id is not None:
+        frame["message_id"] = message_id
+    return frame
+
+
+def frame_pong() -> dict:
+    return {"type": "pong"}
+
+
+def frame_layer(*, up: bool) -> dict:
+    return {"type": "layer.up" if up else "layer.down"}
+
+
+# ---- publishing to a conversation ------------------------------------------------------------
+
+
+async def broadcast(conversation_id: int, frame: dict) -> None:
+    """Send one frame to every socket on the conversation; raises when the layer fails."""
+    message = {"type": "chat.frame", "text": encode(frame)}
+    if frame["type"] == "delta":
+        message["message_id"] = frame["message_id"]
+        message["seq"] = frame["seq"]
+    async with asyncio.timeout(PUBLISH_TIMEOUT):
+        await get_channel_layer().group_send(conversation_group(conversation_id), message)
+
+
+async def publish(conversation_id: int, frame: dict) -> bool:
+    """Best effort (deltas, status lines): False when the layer failed; never raises."""
+    try:
+        await broadcast(conversation_id, frame)
+    except Exception as exc:
+        _watch().publish_failed(exc)
+        return False
+    return True
+
+
+_deliveries: set[asyncio.Task] = set()
+
+
+async def deliver(conversation_id: int, frame: dict) -> None:
+    """At least once: send now (so frames keep their order while the layer is up), and when
+    that fails keep retrying in the background with backoff until the layer takes it."""
+    if await publish(conversation_id, frame):
+        return
+    task = asyncio.get_running_loop().create_task(_redeliver(conversation_id, frame))
+    _deliveries.add(task)
+    task.add_done_callback(_deliveries.discard)
+
+
+async def _redeliver(conversation_id: int, frame: dict) -> None:
+    delay, cap = DELIVER_BACKOFF
+    deadline = time.monotonic() + DELIVER_GIVE_UP
+    await asyncio.sleep(random.uniform(delay / 2, delay))
+    while not await publish(conversation_id, frame):
+        if time.monotonic() > deadline:
+            log.error("gave up delivering %s to conversation %s", frame["type"], conversation_id)
+            return
+        await asyncio.sleep(random.uniform(delay / 2, delay))
+        delay = min(cap, delay * 2)
+
+
+async def deliveries_flush(timeout: float) -> None:
+    """Wait (bounded) for pending at-least-once frames: tests and shutdown."""
+    if _deliveries:
+        await asyncio.wait(list(_deliveries), timeout=timeout)
+
+
+async def reply_end(*, message) -> None:
+    """Tell every socket on the conversation that this reply ended (at least once)."""
+    try:
+        context = await acontext_for(message.conversation_id)
+    except Exception:  # a database blip: the end matters more than the meter
+        log.exception("context meter for reply %s failed", message.pk)
+        context = None
+    await deliver(message.conversation_id, frame_reply_end(message=message, context=context))
+
+
+# ---- sockets -----------------------------------------------------------------------------------
+
+
+async def socket_join(*, socket, conversation_id: int, user_id: int) -> None:
+    """Add a socket to its conversation's and its user's groups, returning once it is live.
+
+    With Redis pub/sub a SUBSCRIBE is not confirmed when group_add returns; a probe sent through
+    the group and received back proves it is, so every delta published after this returns (and
+    after the state snapshot the caller reads next) reaches the socket.
+    """
+    layer = get_channel_layer()
+    group = conversation_group(conversation_id)
+    await layer.group_add(group, socket.channel_name)
+    await layer.group_add(user_group(user_id), socket.channel_name)
+    probe = await layer.new_channel()
+    await layer.group_add(group, probe)
+    try:
+        async with asyncio.timeout(10):
+            await layer.group_send(group, {"type": "layer.probe", "probe": probe})
+            while (await layer.receive(probe)).get("probe") != probe:
+                pass
+    except TimeoutError:  # a slow Redis: the page's seq-gap check still heals a lost delta
+        pass
+    finally:
+        await layer.group_discard(group, probe)
+    _watch().add(socket)
+
+
+async def socket_leave(*, socket, conversation_id: int, user_id: int) -> None:
+    _watch().discard(socket)
+    layer = get_channel_layer()
+    try:
+        await layer.group_discard(conversation_group(conversation_id), socket.channel_name)
+        await layer.group_discard(user_group(user_id), socket.channel_name)
+    except Exception as exc:  # the layer is down: its subscriptions go with this process's
+        log.info("socket leave during a channel-layer outage: %r", exc)
+
+
+async def user_sockets_close(user_id: int) -> None:
+    """Close every open socket of this user, in any process (deactivation)."""
+    await get_channel_layer().group_send(user_group(user_id), {"type": "user.force_close"})
+
+
+# ---- running replies ---------------------------------------------------------------------------
+
+
+async def generation_listen(message_id: int) -> str:
+    """A channel of this reply's own that receives stop and state requests from any process."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(generation_group(message_id), channel)
+    return channel
+
+
+async def generation_receive(channel: str) -> dict:
+    return await get_channel_layer().receive(channel)
+
+
+async def generation_unlisten(message_id: int, channel: str) -> None:
+    try:
+        await get_channel_layer().group_discard(generation_group(message_id), channel)
+    except Exception as exc:
+        log.info("generation %s left its group during a layer outage: %r", message_id, exc)
+
+
+async def request_stop(message_id: int) -> None:
+    """Ask the generation writing this reply to stop, wherever it runs."""
+    await get_channel_layer().group_send(generation_group(message_id), {"type": "generation.stop"})
+
+
+async def ask_state(message_id: int, *, timeout: float) -> dict | None:
+    """Ask the generation writing this reply (any process) for its state; None on no answer."""
+    layer = get_channel_layer()
+    try:
+        async with asyncio.timeout(timeout):
+            reply_to = await layer.new_channel()
+            # Round trip first, so the answer cannot beat our subscription to reply_to.
+            await layer.send(reply_to, {"type": "probe"})
+            await layer.receive(reply_to)
+            await layer.group_send(
+                generation_group(message_id), {"type": "generation.state", "reply_to": reply_to}
+            )
+            answer = await layer.receive(reply_to)
+    except TimeoutError:
+        return None
+    except Exception as exc:  # the layer is down: the caller falls back to the checkpoint
+        log.info("state request for reply %s failed: %r", message_id, exc)
+        return None
+    return answer.get("state")
+
+
+async def answer_state(reply_to: str, state: dict) -> None:
+    try:
+        await get_channel_layer().send(reply_to, {"type": "generation.state_reply", "state": state})
+    except Exception as exc:
+        log.info("could not answer a state request: %r", exc)
+
+
+class _Pinger:
+    """Round trips on one channel per process, one at a time: a new channel per ping would stay
+    subscribed in Redis for the life of the process."""
+
+    def __init__(self) -> None:
+        self.channel: str | None = None
+        self.lock = asyncio.Lock()
+        self.count = 0
+
+    async def ping(self) -> None:
+        layer = get_channel_layer()
+        async with self.lock:
+            if self.channel is None:
+                self.channel = await layer.new_channel()
+            self.count += 1
+            try:
+                await layer.send(self.channel, {"type": "health.ping", "n": self.count})
+                while (await layer.receive(self.channel)).get("n") != self.count:
+                    pass  # the answer to an earlier ping
+            except BaseException:
+                # A cancelled receive unsubscribes the channel (channels_redis): start afresh.
+                self.channel = None
+                raise
+
+
+_pingers: "weakref.WeakKeyDictionary[object, _Pinger]" = weakref.WeakKeyDictionary()
+
+
+async def layer_ping(*, timeout: float) -> None:
+    """A round trip through the channel layer (raises when it is down or too slow)."""
+    layer = get_channel_layer()
+    pinger = _pingers.get(layer)
+    if pinger is None:
+        pinger = _pingers[layer] = _Pinger()
+    async with asyncio.timeout(timeout):
+        await pinger.ping()
+
+
+# ---- is the layer up? --------------------------------------------------------------------------
+
+
+class _LayerWatch:
+    """This process's view of its channel layer, told to its own sockets directly.
+
+    While any socket is open, a round trip through the layer every LAYER_WATCH_INTERVAL (and
+    any failed publish at once) decides whether the layer is up; on each change every local
+    socket gets "layer.down" or "layer.up", sent straight to it since the layer cannot carry it.
+    """
+
+    def __init__(self) -> None:
+        self.sockets: weakref.WeakSet = weakref.WeakSet()
+        self.up = True
+        self.task: asyncio.Task | None = None
+
+    def add(self, socket) -> None:
+        self.sockets.add(socket)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="layer-watch")
+
+    def discard(self, socket) -> None:
+        self.sockets.discard(socket)
+
+    def publish_failed(self, exc: Exception) -> None:
+        if self.up:
+            log.warning("channel layer publish failed: %r; frames are held and retried", exc)
+            self._set(up=False)
+            if self.task is None or self.task.done():
+                self.task = asyncio.get_running_loop().create_task(self._run(), name="layer-watch")
+
+    def _set(self, *, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if up:
+            log.warning("channel layer is back")
+        text = encode(frame_layer(up=up))
+        for socket in list(self.sockets):
+            asyncio.get_running_loop().create_task(_send_quietly(socket, text))
+
+    async def _run(self) -> None:
+        interval = settings.LAYER_WATCH_INTERVAL
+        while self.sockets or not self.up:
+            await asyncio.sleep(interval if self.up else interval / 2)
+            try:
+                await layer_ping(timeout=interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._set(up=False)
+            else:
+                self._set(up=True)
+
+
+async def _send_quietly(socket, text: str) -> None:
+    with contextlib.suppress(Exception):  # the socket is closing: nothing to tell
+        await socket.send(text_data=text)
+
+
+_watches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LayerWatch]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _watch() -> _LayerWatch:
+    loop = asyncio.get_running_loop()
+    watch = _watches.get(loop)
+    if watch is None:
+        watch = _watches[loop] = _LayerWatch()
+    return watch
+
+
+def layer_is_up() -> bool:
+    return _watch().up
