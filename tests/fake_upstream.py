@@ -138,6 +138,8 @@ REASONS = {
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        # (monotonic time, bytes) of every body part written: what the app had been sent by when.
+        self.sent: list[tuple[float, bytes]] = []
         self._queue: list[FakeResponse] = []
         self.default_tokens = ["Hello", " from", " the", " fake", " model", "."]
         self._lock = threading.Lock()
@@ -158,6 +160,7 @@ class FakeUpstream:
         with self._lock:
             self._queue.clear()
             self.requests.clear()
+            self.sent.clear()
 
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
@@ -229,5 +232,6 @@ class FakeUpstream:
             else:
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                 await writer.drain()
+                self.sent.append((time.monotonic(), part))
         writer.write(b"0\r\n\r\n")
         await writer.drain()

@@ -208,9 +208,20 @@ jumpButton.addEventListener("click", () => {
 });
 
 function startLive(id, seq = 0, content = "", reasoning = "") {
-  live = { id, seq, content, reasoning, thinkingSince: performance.now() };
+  live = { id, seq, content, reasoning, thinkingSince: performance.now(), heardAt: Date.now() };
   setStreaming(true);
 }
+
+// A reply that shows streaming but has been quiet for a while may have ended unheard (its end
+// frame lost while the server's message bus was restarting): ask for the state, which carries
+// the final form of a reply that ended. Cheap, and only while something shows streaming.
+const QUIET_CHECK_MS = 3000;
+setInterval(() => {
+  if (live && socket && Date.now() - live.heardAt > QUIET_CHECK_MS) {
+    live.heardAt = Date.now();
+    socket.send({ type: "state" });
+  }
+}, 1000);
 
 function setStreaming(on) {
   stopButton.hidden = !on;
@@ -279,6 +290,7 @@ const handlers = {
   },
   delta(frame) {
     if (!live || live.id !== frame.message_id) startLive(frame.message_id);
+    live.heardAt = Date.now();
     if (frame.seq <= live.seq) return; // already in the snapshot
     if (frame.seq !== live.seq + 1) {
       // A gap (only after a lost connection): start again from a fresh snapshot, asked once;
@@ -298,7 +310,16 @@ const handlers = {
     renderMessage(frame.reply);
     scrollToBottom();
   },
+  "layer.down"() {
+    // The server lost its message bus (Redis): the reply goes on, frames wait until it is back.
+    setConnection("Connection lost, reconnecting…");
+  },
+  "layer.up"() {
+    setConnection("");
+    socket.send({ type: "state" }); // pick up whatever was missed meanwhile
+  },
   "reply.status"(frame) {
+    if (live && live.id === frame.message_id) live.heardAt = Date.now();
     const el = bubbleFor({ id: frame.message_id, role: "assistant" });
     el.querySelector(".meta").textContent = frame.text;
   },
