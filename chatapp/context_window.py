@@ -135,6 +135,8 @@ def plan_request(
         or model.max_output_tokens
         or settings.DEFAULT_MAX_OUTPUT_TOKENS
     )
+    if model.max_output_limit:
+        wanted = min(wanted, model.max_output_limit)
     budget = max(1, min(wanted, model.context_window - used - SAFETY_MARGIN))
     request = ChatRequest(
         model=model.model_id,
@@ -144,6 +146,9 @@ def plan_request(
         thinking=conversation.thinking if model.reasoning else None,
         max_output_tokens=budget,
         temperature=conversation.temperature,
+        # The family's request contract: the provider layer sends only what it allows.
+        contract=dict(model.contract or {}),
+        reasoning_effort=conversation.reasoning_effort or None,
     )
     return Plan(request=request, estimated_input=used, window=model.context_window, budget=budget)
 
@@ -178,6 +183,7 @@ def context_state(
             conversation.max_output_tokens
             or model.max_output_tokens
             or settings.DEFAULT_MAX_OUTPUT_TOKENS,
+            model.max_output_limit or window,
             max(1, window - used - SAFETY_MARGIN),
         )
     cached_prefix = (

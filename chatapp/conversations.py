@@ -136,6 +136,10 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
     vision = conversation.model.vision if conversation.model else True
+    # K3 and K2.7 Code want every earlier assistant turn's reasoning back, not only tool turns'.
+    echo_all = bool(
+        conversation.model and (conversation.model.contract or {}).get("echo_reasoning") == "all"
+    )
     # Images: a constant number of queries whatever the history's length.
     earlier = (
         conversation.messages.filter(id__lt=before.id)
@@ -159,8 +163,9 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
             entry: dict = {"role": "assistant"}
             if message.content:
                 entry["content"] = message.content
-            if message.tool_calls:
-                entry["tool_calls"] = message.tool_calls
+            if message.tool_calls or echo_all:
+                if message.tool_calls:
+                    entry["tool_calls"] = message.tool_calls
                 # Exactly as received, even "": the provider client renames it per provider.
                 entry["reasoning_content"] = message.reasoning
                 if message.reasoning_details:

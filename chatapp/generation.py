@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from . import checkpoints, context_window, events, reaper, teams
+from . import checkpoints, context_window, events, model_catalog, reaper, teams
 from .conversations import history_for_request, turn_edit, turn_regenerate, turn_start
 from .errors import ClientError
 from .models import Conversation, Message
@@ -79,6 +79,7 @@ class Generation:
         self.reasoning_details: list[dict] = []
         self.usage: Usage | None = None
         self.finish_reason = ""
+        self.served_model = ""  # the `model` the provider's chunks name (a redirect shows here)
         self.seq = 0
         # Text already broadcast (what any browser may have seen) and what is waiting.
         self.sent_content = ""
@@ -133,12 +134,14 @@ class Generation:
         except ProviderError as exc:
             log.warning("reply %s failed: %r %s", self.message_id, exc, exc.detail[:500])
             status, error = Message.Status.ERROR, exc.user_message
-            await events.deliver(
-                self.conversation_id,
-                events.frame_error(
-                    code=exc.code, message=exc.user_message, message_id=self.message_id
-                ),
+            frame = events.frame_error(
+                code=exc.code, message=exc.user_message, message_id=self.message_id
             )
+            if exc.code == "model_not_found":  # retired upstream: offer its successor
+                frame.update(
+                    await database_sync_to_async(model_catalog.model_gone)(self.message_id)
+                )
+            await events.deliver(self.conversation_id, frame)
         except Exception:
             log.exception("reply %s failed unexpectedly", self.message_id)
             status, error = Message.Status.ERROR, "Something went wrong while writing this reply."
@@ -212,6 +215,8 @@ class Generation:
             self.usage = item.usage
         if item.finish_reason:
             self.finish_reason = item.finish_reason
+        if item.model:
+            self.served_model = item.model
 
     def _merge_tool_calls(self, deltas: list[dict]) -> None:
         for position, delta in enumerate(deltas):
@@ -380,8 +385,20 @@ class Generation:
             fields["cached_tokens"] = self.usage.cached_tokens
             fields["completion_tokens"] = self.usage.completion_tokens
             if message.model is not None:
+                # Priced as the model that answered: a reseller may redirect K2.5 to K3.
+                served, priced = model_catalog.served_model_for(
+                    model=message.model, served=self.served_model
+                )
+                if served:
+                    fields["served_model"] = served
+                    log.warning(
+                        "reply %s: asked %s, answered by %s",
+                        self.message_id,
+                        message.model.model_id,
+                        served,
+                    )
                 fields["cost_usd"] = reply_cost(
-                    model=message.model,
+                    model=priced,
                     prompt_tokens=self.usage.prompt_tokens,
                     cached_tokens=self.usage.cached_tokens,
                     completion_tokens=self.usage.completion_tokens,
@@ -424,6 +441,12 @@ def _admit(
     """The gates every new reply passes before anything is written, in one database hop: a
     usable model, the context window, then budgets and the rate limit."""
     model = conversation.model
+    if model is not None and not model.available:
+        # Retired or gone from the provider's list: say so, and what to continue with (the
+        # page offers it), instead of failing at the provider on every send.
+        raise ClientError(
+            "model_retired", model_catalog.model_gone_message(model, conversation.owner)
+        )
     if model is None or not model.enabled or not model.provider.enabled:
         raise ClientError("model_unavailable", "Pick a model before sending.")
     if max_output_tokens is not None:  # "retry with a larger budget", kept on the conversation

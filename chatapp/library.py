@@ -21,19 +21,44 @@ SEARCH_LIMIT = 50
 SNIPPET_CHARS = 120
 SYSTEM_PROMPT_MAX = 20_000
 MAX_OUTPUT_TOKENS_MAX = 1_000_000
-# Moonshot fixes Kimi's sampling by mode and rejects any other temperature (KIMI-PROTOCOL.md).
+# The fixed values shown for a model row that has no contract yet (before the first sync).
 KIMI_FIXED_TEMPERATURE = {"thinking": 1.0, "instant": 0.6}
 
 
 def fixed_temperature(model: ModelConfig | None) -> dict | None:
-    """{"thinking": t, "instant": t} when the provider locks temperature, else None."""
+    """The provider's own sampling when the model's contract fixes it ({"thinking": t,
+    "instant": t}, or {} when the values are not known), else None (a temperature may be sent)."""
     if model is None:
         return None
+    contract = model.contract or {}
+    if contract:
+        if contract.get("sampling") != "fixed":
+            return None
+        return dict(contract.get("fixed_temperature") or {})
     if model.provider.kind == Provider.Kind.MOONSHOT and model.model_id.startswith(
         FIXED_SAMPLING_MODELS
     ):
         return dict(KIMI_FIXED_TEMPERATURE)
     return None
+
+
+def model_controls(model: ModelConfig | None) -> dict:
+    """Which settings the model's request contract allows, for the settings dialog."""
+    if model is None:
+        return {
+            "thinking": False,
+            "temperature": True,
+            "reasoning_effort": [],
+            "effort_default": "",
+        }
+    contract = model.contract or {}
+    return {
+        "thinking": model.reasoning_mode == "optional"
+        and contract.get("thinking", "switch") == "switch",
+        "temperature": fixed_temperature(model) is None,
+        "reasoning_effort": list(contract.get("reasoning_effort") or []),
+        "effort_default": contract.get("reasoning_effort_default", ""),
+    }
 
 
 def model_to_dict(model: ModelConfig) -> dict:
@@ -42,9 +67,14 @@ def model_to_dict(model: ModelConfig) -> dict:
         "id": model.pk,
         "name": model.display_name,
         "vision": model.vision,
+        "video": model.video,
         "demo": model.is_demo,
         "reasoning": model.reasoning,
+        "reasoning_mode": model.reasoning_mode,
         "fixed_temperature": fixed_temperature(model),
+        "controls": model_controls(model),
+        "context_window": model.context_window,
+        "status": model.status,
     }
 
 
@@ -55,6 +85,7 @@ def conversation_settings_to_dict(conversation: Conversation) -> dict:
         "max_output_tokens": conversation.max_output_tokens,
         "thinking": conversation.thinking,
         "temperature": conversation.temperature,
+        "reasoning_effort": conversation.reasoning_effort,
     }
 
 
@@ -118,6 +149,7 @@ def conversation_update_settings(
     max_output_tokens: str | int | None,
     thinking: str | bool | None,
     temperature: str | float | None,
+    reasoning_effort: str | None = None,
 ) -> Conversation:
     """Validate and store the request settings; blank values mean the provider's default."""
     model = model_get_for_user(user, model_id) if model_id not in (None, "") else None
@@ -135,11 +167,20 @@ def conversation_update_settings(
             "bad_max_output_tokens",
             f"Max output tokens must be between 1 and {MAX_OUTPUT_TOKENS_MAX:,}.",
         )
+    controls = model_controls(model)
     thinking_value = _optional_bool(thinking)
-    if model is None or not model.reasoning:
-        thinking_value = None  # the model has no thinking switch
+    if not controls["thinking"]:
+        thinking_value = None  # the model has no thinking switch (none, or always thinking)
+    effort = (reasoning_effort or "").strip().lower()
+    if effort and effort not in controls["reasoning_effort"]:
+        if controls["reasoning_effort"]:
+            raise ClientError(
+                "bad_reasoning_effort",
+                "Reasoning effort must be one of " + ", ".join(controls["reasoning_effort"]) + ".",
+            )
+        effort = ""  # the model has no effort choice
     temp = _optional_float(temperature, "Temperature")
-    if temp is not None and fixed_temperature(model) is not None:
+    if temp is not None and not controls["temperature"]:
         raise ClientError(
             "temperature_locked",
             f"{model.display_name} sets its own temperature; it cannot be changed here.",
@@ -151,6 +192,7 @@ def conversation_update_settings(
     conversation.max_output_tokens = tokens
     conversation.thinking = thinking_value
     conversation.temperature = temp
+    conversation.reasoning_effort = effort
     conversation.save(
         update_fields=[
             "model",
@@ -158,6 +200,7 @@ def conversation_update_settings(
             "max_output_tokens",
             "thinking",
             "temperature",
+            "reasoning_effort",
             "updated_at",
         ]
     )

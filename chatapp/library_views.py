@@ -51,6 +51,7 @@ def conversation_settings(request: HttpRequest, pk: int) -> JsonResponse:
             max_output_tokens=request.POST.get("max_output_tokens"),
             thinking=request.POST.get("thinking"),
             temperature=request.POST.get("temperature"),
+            reasoning_effort=request.POST.get("reasoning_effort"),
         )
     except ClientError as exc:
         return _error(exc)

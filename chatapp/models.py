@@ -45,6 +45,17 @@ class Provider(models.Model):
 
 
 class ModelConfig(models.Model):
+    class Status(models.TextChoices):
+        AVAILABLE = "available", "Available"
+        DEPRECATED = "deprecated", "Deprecated"
+        UNAVAILABLE = "unavailable", "Unavailable"
+
+    class Origin(models.TextChoices):
+        STAFF = "staff", "Added by staff"
+        ENVIRONMENT = "env", "Environment"
+        CATALOG = "catalog", "Catalog"
+        DISCOVERY = "discovery", "Provider's model list"
+
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="models")
     model_id = models.CharField("model id", max_length=200, help_text="The id sent upstream.")
     display_name = models.CharField(max_length=200)
@@ -71,6 +82,37 @@ class ModelConfig(models.Model):
     )
     sort_order = models.IntegerField(default=100, help_text="Lower comes first in the picker.")
     enabled = models.BooleanField(default=True)
+    # Facts from the catalog (chatapp/providers/kimi_catalog.json) and the provider's model list.
+    family = models.CharField(
+        max_length=64, blank=True, help_text="Catalog family (empty = a plain model)."
+    )
+    video = models.BooleanField(
+        default=False, help_text="Can this model take video input (video_url content parts)?"
+    )
+    max_output_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Largest output the model accepts (empty = the window)."
+    )
+    contract = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The request contract the provider layer applies (thinking, sampling, "
+        "reasoning_effort); from the catalog family.",
+    )
+    price_batch_input = models.DecimalField(
+        "batch input $/M tokens", max_digits=10, decimal_places=4, null=True, blank=True
+    )
+    price_batch_output = models.DecimalField(
+        "batch output $/M tokens", max_digits=10, decimal_places=4, null=True, blank=True
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.AVAILABLE)
+    status_date = models.DateField(null=True, blank=True)
+    status_note = models.CharField(max_length=300, blank=True)
+    successor = models.CharField(
+        max_length=200, blank=True, help_text="Model id offered instead once this one is gone."
+    )
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.STAFF)
+    # Names of the fields staff changed in the admin: the catalog sync never writes them.
+    staff_overrides = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         ordering = ["sort_order", "display_name"]
@@ -86,6 +128,17 @@ class ModelConfig(models.Model):
     @property
     def is_demo(self) -> bool:
         return self.provider.kind == Provider.Kind.DEMO
+
+    @property
+    def available(self) -> bool:
+        return self.status != self.Status.UNAVAILABLE
+
+    @property
+    def reasoning_mode(self) -> str:
+        """off | optional (a thinking switch) | always (reasons on every reply)."""
+        if not self.reasoning:
+            return "off"
+        return "always" if (self.contract or {}).get("reasoning") == "always" else "optional"
 
 
 class Team(models.Model):
@@ -160,6 +213,7 @@ class Conversation(models.Model):
     thinking = models.BooleanField(null=True, blank=True)
     max_output_tokens = models.PositiveIntegerField(null=True, blank=True)
     temperature = models.FloatField(null=True, blank=True)
+    reasoning_effort = models.CharField(max_length=16, blank=True)  # "" = the model's default
     affinity_id = models.CharField(
         max_length=40, unique=True, default=new_affinity_id, editable=False
     )
@@ -199,6 +253,8 @@ class Message(models.Model):
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
+    # The model the provider says answered, when it is not the one asked for (a redirect).
+    served_model = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
     # Assistant tool calls and the provider's reasoning fields, kept exactly as received so
     # they can be re-sent verbatim (Kimi rejects tool-call turns without their reasoning).
@@ -248,6 +304,8 @@ class UsageRecord(models.Model):
     # Names as they were, so the report survives renames and deletions.
     model_name = models.CharField(max_length=200, blank=True)
     provider_name = models.CharField(max_length=100, blank=True)
+    # Set when the provider answered with another model (priced at that model's prices).
+    served_model = models.CharField(max_length=200, blank=True)
     status = models.CharField(max_length=16, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)

@@ -289,13 +289,14 @@ def usage_record_for_reply(*, message: Message) -> UsageRecord:
     prompt = message.prompt_tokens or 0
     cached = message.cached_tokens or 0
     completion = message.completion_tokens or 0
-    cost = (
-        reply_cost(
+    if message.cost_usd is not None:  # priced when saved (as the model that answered)
+        cost = message.cost_usd
+    elif model is not None:
+        cost = reply_cost(
             model=model, prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion
         )
-        if model is not None
-        else ZERO
-    )
+    else:
+        cost = ZERO
     record, _ = UsageRecord.objects.get_or_create(
         message=message,
         defaults={
@@ -305,6 +306,7 @@ def usage_record_for_reply(*, message: Message) -> UsageRecord:
             "model": model,
             "model_name": model.display_name if model else "",
             "provider_name": model.provider.name if model else "",
+            "served_model": message.served_model,
             "status": message.status,
             "prompt_tokens": prompt,
             "cached_tokens": cached,

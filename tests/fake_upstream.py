@@ -142,6 +142,10 @@ class FakeUpstream:
         self.sent: list[tuple[float, bytes]] = []
         self._queue: list[FakeResponse] = []
         self.default_tokens = ["Hello", " from", " the", " fake", " model", "."]
+        # `GET .../models` answers this list (OpenAI shape) without touching the queue; None
+        # answers 404, as a server without a model list does.
+        self.models: list[str] | None = None
+        self.models_status = 200
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -161,6 +165,8 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.sent.clear()
+            self.models = None
+            self.models_status = 200
 
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
@@ -206,13 +212,40 @@ class FakeUpstream:
             body = await reader.readexactly(length) if length else b""
             with self._lock:
                 self.requests.append(RecordedRequest(method, path, headers, body))
-                response = self._queue.pop(0) if self._queue else stream_reply(self.default_tokens)
+                if method == "GET" and path.endswith("/models"):
+                    response = self._model_list()
+                else:
+                    response = (
+                        self._queue.pop(0) if self._queue else stream_reply(self.default_tokens)
+                    )
             await self._respond(writer, response)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             if not writer.is_closing():
                 writer.close()
+
+    def model_list_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == "GET" and r.path.endswith("/models")]
+
+    def _model_list(self) -> FakeResponse:
+        if self.models is None:
+            body = {"error": {"message": "Not found", "type": "resource_not_found_error"}}
+            status = 404
+        else:
+            body = {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 1784160000, "owned_by": "moonshot"}
+                    for m in self.models
+                ],
+            }
+            status = self.models_status
+        return FakeResponse(
+            status=status,
+            headers={"content-type": "application/json"},
+            parts=[json.dumps(body).encode()],
+        )
 
     async def _respond(self, writer: asyncio.StreamWriter, response: FakeResponse) -> None:
         if response.head_delay:

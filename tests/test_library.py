@@ -142,6 +142,7 @@ def test_settings_are_validated_and_kimi_temperature_is_locked():
         "max_output_tokens": 2048,
         "thinking": False,
         "temperature": None,
+        "reasoning_effort": "",
     }
     locked = client.post(url, {"model": kimi.pk, "temperature": "0.3"})
     assert locked.status_code == 400 and "sets its own temperature" in locked.json()["message"]

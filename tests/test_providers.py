@@ -102,7 +102,7 @@ async def test_moonshot_reply_with_usage_inside_the_choice_and_cached_tokens(moo
 async def test_moonshot_request_has_no_sampling_params_and_its_own_thinking_shape(moonshot):
     moonshot.enqueue(moonshot_stream(["ok"]))
     user, conversation = await make_chat(
-        model_id="kimi-k2.5", thinking=False, temperature=0.3, max_output_tokens=4000
+        model_id="kimi-k2.6", thinking=False, temperature=0.3, max_output_tokens=4000
     )
     await chat(user, conversation)
 
@@ -117,7 +117,7 @@ async def test_moonshot_request_has_no_sampling_params_and_its_own_thinking_shap
     assert body["max_completion_tokens"] == 4000
     assert body["stream_options"] == {"include_usage": True}
     # Compact, deterministic serialisation (the prefix cache matches bytes).
-    assert request.body.startswith(b'{"model":"kimi-k2.5","messages":[{"role":"user"')
+    assert request.body.startswith(b'{"model":"kimi-k2.6","messages":[{"role":"user"')
 
 
 async def test_moonshot_tool_call_turn_is_resent_with_its_reasoning_even_empty(moonshot):
@@ -301,10 +301,13 @@ async def test_workers_ai_run_stream_with_padding_and_the_trailing_native_usage(
     assert body["max_completion_tokens"] > 0
 
 
-async def test_workers_ai_k25_is_described_as_aliased_to_k26(workers_ai):
-    model = await ModelConfig.objects.aget(model_id="@cf/moonshotai/kimi-k2.5")
-    assert "K2.6" in model.description and "alias" in model.description
-    assert model.context_window == 256_000
+async def test_workers_ai_offers_the_catalogs_lineup_with_its_facts(workers_ai):
+    offered = [m async for m in ModelConfig.objects.filter(provider__kind="workers_ai")]
+    assert {m.model_id for m in offered} == {
+        "@cf/moonshotai/kimi-k3",
+        "@cf/moonshotai/kimi-k2.6",
+        "@cf/moonshotai/kimi-k2.7-code",
+    }
     k26 = await ModelConfig.objects.aget(model_id="@cf/moonshotai/kimi-k2.6")
     assert (k26.context_window, k26.vision, k26.reasoning) == (262_144, True, True)
     assert (k26.price_input, k26.price_cached_input, k26.price_output) == (
@@ -312,6 +315,9 @@ async def test_workers_ai_k25_is_described_as_aliased_to_k26(workers_ai):
         Decimal("0.16"),
         Decimal("4.00"),
     )
+    k3 = await ModelConfig.objects.aget(model_id="@cf/moonshotai/kimi-k3")
+    assert (k3.context_window, k3.max_output_tokens, k3.family) == (1_048_576, 131_072, "kimi-k3")
+    assert k3.reasoning_mode == "always" and k3.contract["thinking"] == "none"
 
 
 async def test_workers_ai_non_stream_envelope_is_read(workers_ai):

@@ -14,6 +14,37 @@ class ChatRequest:
     thinking: bool | None = None  # None = the provider's default
     max_output_tokens: int | None = None
     temperature: float | None = None
+    # The model family's request contract (chatapp/providers/kimi_catalog.json "contracts"):
+    # which thinking switch, whether sampling may be sent, reasoning_effort values, which
+    # assistant turns echo their reasoning. Empty = a plain OpenAI-compatible model.
+    contract: dict = field(default_factory=dict)
+    reasoning_effort: str | None = None  # sent only when the contract allows this value
+
+    @property
+    def thinking_param(self) -> bool | None:
+        """The thinking switch to send, or None to send none: only a family with a switch gets
+        one (K2.7 Code always thinks and rejects "disabled"; K3 has no such parameter)."""
+        if self.contract.get("thinking", "switch") != "switch":
+            return None
+        return self.thinking
+
+    @property
+    def sampling_allowed(self) -> bool:
+        return self.contract.get("sampling", "free") != "fixed"
+
+    @property
+    def effort_param(self) -> str | None:
+        """reasoning_effort to send: a value the family lists, and not its default."""
+        allowed = self.contract.get("reasoning_effort") or ()
+        if self.reasoning_effort in allowed and self.reasoning_effort != self.contract.get(
+            "reasoning_effort_default"
+        ):
+            return self.reasoning_effort
+        return None
+
+    @property
+    def echo_all_reasoning(self) -> bool:
+        return self.contract.get("echo_reasoning") == "all"
 
 
 @dataclass(slots=True)
@@ -32,6 +63,7 @@ class StreamItem:
     usage: Usage | None = None
     finish_reason: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # raw OpenAI tool-call deltas
+    model: str = ""  # the `model` the provider says answered (resellers may redirect)
     reasoning_details: list[dict] = field(default_factory=list)  # OpenRouter-style deltas
 
 

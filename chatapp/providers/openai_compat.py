@@ -121,6 +121,8 @@ class StreamParser:
             if delta.get("tool_calls"):
                 item.tool_calls = delta["tool_calls"]
             item.finish_reason = choice.get("finish_reason") or None
+            if isinstance(event.get("model"), str):
+                item.model = event["model"]
             if not isinstance(usage, dict):
                 usage = choice.get("usage")
         elif isinstance(event.get("response"), str):
@@ -175,13 +177,17 @@ class OpenAICompatClient(ProviderClient):
     def url(self, request: ChatRequest) -> str:
         return self.base_url + "/chat/completions"
 
-    def wire_messages(self, messages: list[dict]) -> list[dict]:
-        """Stored history -> this provider's message shapes. Assistant tool-call turns carry
-        their reasoning exactly as received (even ""), content omitted when empty."""
+    def wire_messages(self, messages: list[dict], *, echo_all: bool = False) -> list[dict]:
+        """Stored history -> this provider's message shapes. Assistant tool-call turns (every
+        assistant turn when the family asks for it) carry their reasoning exactly as received
+        (even ""), content omitted when empty."""
         out = []
         for message in messages:
             if message.get("role") != "assistant" or "reasoning_content" not in message:
                 out.append(message)
+                continue
+            if not echo_all and not message.get("tool_calls"):
+                out.append({k: v for k, v in message.items() if k != "reasoning_content"})
                 continue
             entry = {k: v for k, v in message.items() if k not in ("reasoning_content",)}
             details = entry.pop("reasoning_details", None)
@@ -197,17 +203,22 @@ class OpenAICompatClient(ProviderClient):
     def build_body(self, request: ChatRequest) -> dict:
         body: dict = {
             "model": request.model,
-            "messages": self.wire_messages(request.messages),
+            "messages": self.wire_messages(request.messages, echo_all=request.echo_all_reasoning),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         if request.max_output_tokens:
             body[self.max_tokens_field] = request.max_output_tokens
-        if request.temperature is not None:
+        if request.temperature is not None and request.sampling_allowed:
             body["temperature"] = request.temperature
-        if request.thinking is not None:
-            # vLLM / SGLang: the Kimi chat template's own kwarg. Never with reasoning_effort.
-            body["chat_template_kwargs"] = {"thinking": request.thinking}
+        thinking = request.thinking_param
+        if thinking is not None:
+            # vLLM / SGLang / Workers AI: the Kimi chat template's own kwarg. Families with a
+            # thinking switch have no reasoning_effort, so the two never meet.
+            body["chat_template_kwargs"] = {"thinking": thinking}
+        effort = request.effort_param
+        if effort is not None:
+            body["reasoning_effort"] = effort  # K3: only a non-default value the family lists
         return body
 
     def headers(self, request: ChatRequest) -> dict[str, str]:
