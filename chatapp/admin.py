@@ -6,8 +6,11 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseRedirect
+from django.urls import path, reverse
 
-from . import accounts, teams
+from . import accounts, model_catalog, teams
 from .models import (
     Conversation,
     Membership,
@@ -74,13 +77,57 @@ class ProviderAdmin(admin.ModelAdmin):
         return bool(provider.api_key)
 
 
+class ModelConfigForm(forms.ModelForm):
+    """Adding a model needs only its provider and id: every fact left empty comes from the
+    catalog (chatapp/providers/kimi_catalog.json); what staff do set is kept as their decision."""
+
+    class Meta:
+        model = ModelConfig
+        fields = (
+            "provider",
+            "model_id",
+            "display_name",
+            "description",
+            "enabled",
+            "family",
+            "context_window",
+            "max_output_tokens",
+            "max_output_limit",
+            "vision",
+            "video",
+            "max_image_edge",
+            "reasoning",
+            "contract",
+            "price_input",
+            "price_cached_input",
+            "price_output",
+            "price_batch_input",
+            "price_batch_output",
+            "status",
+            "status_date",
+            "status_note",
+            "successor",
+            "sort_order",
+        )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is None:
+            self.fields["display_name"].required = False
+            self.fields["display_name"].help_text = "Empty = the catalog's name for this id."
+
+
 @admin.register(ModelConfig)
 class ModelConfigAdmin(admin.ModelAdmin):
+    form = ModelConfigForm
+    change_list_template = "admin/chatapp/modelconfig/change_list.html"
     list_display = (
         "display_name",
         "model_id",
         "provider",
+        "availability",
         "vision",
+        "video",
         "reasoning",
         "context_window",
         "max_output_tokens",
@@ -88,9 +135,80 @@ class ModelConfigAdmin(admin.ModelAdmin):
         "price_cached_input",
         "price_output",
         "enabled",
+        "staff_decided",
     )
-    list_filter = ("provider", "vision", "reasoning", "enabled")
+    list_filter = ("provider", "status", "family", "vision", "video", "reasoning", "enabled")
     search_fields = ("display_name", "model_id")
+    readonly_fields = ("origin", "staff_decided")
+
+    @admin.display(description="availability")
+    def availability(self, model: ModelConfig) -> str:
+        if model.status == ModelConfig.Status.AVAILABLE:
+            return "available"
+        parts = [model.get_status_display()]
+        if model.status_date:
+            parts.append(f"since {model.status_date:%Y-%m-%d}")
+        if model.successor:
+            parts.append(f"→ {model.successor}")
+        return " ".join(parts)
+
+    @admin.display(description="staff decided")
+    def staff_decided(self, model: ModelConfig) -> str:
+        return ", ".join(model.staff_overrides or ()) or "–"
+
+    def save_model(self, request, obj, form, change) -> None:
+        # Every fact staff changed is their decision: the catalog sync never writes it again.
+        decided = set(obj.staff_overrides or ())
+        for name in form.changed_data:
+            if name not in model_catalog.STAFF_FIELDS:
+                continue
+            before = (
+                form.initial.get(name)
+                if change
+                else ModelConfig._meta.get_field(name).get_default()
+            )
+            if before != form.cleaned_data.get(name):  # a real change, not a re-rendering
+                decided.add(name)
+        decided.discard("model_id")
+        obj.staff_overrides = sorted(decided)
+        if not change:
+            model_catalog.model_fill_from_catalog(obj)
+        super().save_model(request, obj, form, change)
+
+    def get_urls(self):
+        urls = [
+            path(
+                "refresh/",
+                self.admin_site.admin_view(self.refresh_view),
+                name="chatapp_modelconfig_refresh",
+            )
+        ]
+        return urls + super().get_urls()
+
+    def refresh_view(self, request):
+        """ "Refresh models": read every provider's model list now and merge it with the
+        catalog (the same sync as at start; staff decisions are kept)."""
+        if request.method != "POST" or not self.has_change_permission(request):
+            raise PermissionDenied
+        report = model_catalog.catalog_sync(discover=True)
+        level = messages.WARNING if report.unreachable else messages.SUCCESS
+        self.message_user(request, f"Models refreshed: {report.summary()}.", level)
+        return HttpResponseRedirect(reverse("admin:chatapp_modelconfig_changelist"))
+
+    def changelist_view(self, request, extra_context=None):
+        gone = ModelConfig.objects.select_related("provider").exclude(
+            status=ModelConfig.Status.AVAILABLE
+        )
+        notices = []
+        for model in gone:
+            when = f" since {model.status_date:%Y-%m-%d}" if model.status_date else ""
+            successor = f"; successor: {model.successor}" if model.successor else ""
+            notices.append(
+                f"{model.display_name} ({model.provider.name}) is "
+                f"{model.get_status_display().lower()}{when}{successor}. {model.status_note}"
+            )
+        extra_context = {**(extra_context or {}), "model_notices": notices}
+        return super().changelist_view(request, extra_context)
 
 
 class MessageInline(admin.TabularInline):

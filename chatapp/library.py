@@ -9,7 +9,7 @@ from decimal import Decimal
 
 from django.db.models import Q
 
-from . import attachments
+from . import attachments, model_catalog
 from .access import model_get_for_user
 from .conversations import conversation_messages
 from .errors import ClientError
@@ -75,6 +75,24 @@ def model_to_dict(model: ModelConfig) -> dict:
         "controls": model_controls(model),
         "context_window": model.context_window,
         "status": model.status,
+    }
+
+
+def model_gone_to_dict(user, conversation: Conversation) -> dict | None:
+    """When the conversation's model is no longer served: what to tell the user and the model
+    to continue with, for the page's "Continue with …" notice. None while it is available."""
+    model = conversation.model
+    if model is None or model.available:
+        return None
+    successor = model_catalog.successor_for_user(user, model)
+    return {
+        "name": model.display_name,
+        "message": model_catalog.model_gone_message(model, user),
+        "successor": (
+            {"id": successor.pk, "name": successor.display_name}
+            if successor is not None and successor.pk != model.pk
+            else None
+        ),
     }
 
 

@@ -35,6 +35,7 @@ UNKNOWN_RANK_ORDER = 10_000  # models the catalog does not know come after every
 PROVIDER_ORDER = {"moonshot": 0, "workers_ai": 1, "openai_compat": 2}
 DISCOVERY_TIMEOUT = 8.0
 DISCOVERING_KINDS = (Provider.Kind.MOONSHOT, Provider.Kind.OPENAI_COMPAT)
+GONE_404 = "The provider answered 404 (model not found)."
 
 # Fields a sync may write; any of them that staff changed stays as staff left it.
 FACT_FIELDS = (
@@ -258,8 +259,10 @@ def _sync_models(
             model.status == ModelConfig.Status.UNAVAILABLE
             and values["status"] != ModelConfig.Status.UNAVAILABLE
         )
-        if runtime_gone and not (discovered is not None and model_id in discovered):
-            # Marked unavailable by a 404 or an earlier list: only the list brings it back.
+        listed_again = discovered is not None and model_id in discovered
+        if runtime_gone and (model.status_note == GONE_404 or not listed_again):
+            # Gone from an earlier list: only the list brings it back. Answered 404: lists lag
+            # (Moonshot listed kimi-k2.5 after retiring it), so only staff bring it back.
             for name in ("status", "status_date", "status_note", "successor"):
                 values.pop(name, None)
         if origin == ModelConfig.Origin.ENVIRONMENT or facts is not None:
@@ -435,11 +438,10 @@ def successor_for_user(user, model: ModelConfig) -> ModelConfig | None:
     if not offered:
         return None
     wanted = _successor_id(model)
-    kind = model.provider.kind
     if wanted:
         for candidate in offered:
             if candidate.provider_id == model.provider_id and catalog.same_model(
-                kind, candidate.model_id, wanted
+                candidate.model_id, wanted
             ):
                 return candidate
     same_provider = [m for m in offered if m.provider_id == model.provider_id]
@@ -449,12 +451,15 @@ def successor_for_user(user, model: ModelConfig) -> ModelConfig | None:
 def served_model_for(*, model: ModelConfig, served: str) -> tuple[str, ModelConfig | ModelFacts]:
     """The model that actually answered, when the provider says it is another one than asked
     (a reseller redirecting K2.5 to K3): (its id, what to price it with). ("", model) when it
-    is the same model."""
+    is the same model, or when the asked model is not one the catalog knows (a self-hosted
+    server's own names are staff's business)."""
     kind = model.provider.kind
-    if not served or catalog.same_model(kind, served, model.model_id):
+    if not served or catalog.same_model(served, model.model_id):
+        return "", model
+    if catalog.lookup(kind, model.model_id) is None:
         return "", model
     for candidate in model.provider.models.all():
-        if catalog.same_model(kind, candidate.model_id, served):
+        if catalog.same_model(candidate.model_id, served):
             return served, candidate
     facts = catalog.lookup(kind, served)
     if facts is None:
@@ -495,7 +500,7 @@ def model_gone(message_id: int) -> dict:
     )
     if message is None or message.model is None:
         return {}
-    model_mark_unavailable(message.model, note="The provider answered 404 (model not found).")
+    model_mark_unavailable(message.model, note=GONE_404)
     successor = successor_for_user(message.conversation.owner, message.model)
     if successor is None or successor.pk == message.model_id:
         return {}

@@ -11,7 +11,7 @@ from .context_window import context_state
 from .conversations import conversation_create, conversation_list_for_user, conversation_messages
 from .errors import ClientError
 from .health import health_status
-from .library import conversation_settings_to_dict, model_to_dict
+from .library import conversation_settings_to_dict, model_gone_to_dict, model_to_dict
 from .model_catalog import default_model_for, models_for_user
 
 
@@ -33,6 +33,7 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
             "context": context_state(conversation) if conversation else None,
             "models": [model_to_dict(m) for m in models],
             "settings": conversation_settings_to_dict(conversation) if conversation else None,
+            "model_gone": model_gone_to_dict(request.user, conversation) if conversation else None,
         },
     }
     return render(request, "chatapp/chat.html", context)

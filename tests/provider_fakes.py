@@ -43,7 +43,7 @@ def sse_fixture_events(name: str) -> list[dict]:
 # ---- Moonshot -------------------------------------------------------------------------------
 
 
-def _moonshot_chunk(delta: dict, *, finish_reason=None, usage=None) -> dict:
+def _moonshot_chunk(delta: dict, *, finish_reason=None, usage=None, model="kimi-k2.6") -> dict:
     choice: dict = {"index": 0, "delta": delta, "finish_reason": finish_reason}
     if usage is not None:
         choice["usage"] = usage  # Moonshot: usage inside the choice, never at the top
@@ -51,7 +51,7 @@ def _moonshot_chunk(delta: dict, *, finish_reason=None, usage=None) -> dict:
         "id": "chatcmpl-6970b5d02fa474c1767e8767",
         "object": "chat.completion.chunk",
         "created": 1768994256,
-        "model": "kimi-k2.6",
+        "model": model,
         "choices": [choice],
         "system_fingerprint": "fpv0_10a6da87",
     }
@@ -65,16 +65,17 @@ def moonshot_stream(
     cached_tokens: int = 2989,
     finish_reason: str = "stop",
     tool_calls: list[dict] | None = None,
+    model: str = "kimi-k2.6",
 ) -> FakeResponse:
     """Role chunk with content "", reasoning_content deltas, the empty reasoning_content at the
     boundary, content deltas, then finish + usage inside the choice with cached tokens in both
     spellings, then [DONE]."""
-    parts = [sse(_moonshot_chunk({"role": "assistant", "content": ""}))]
-    parts += [sse(_moonshot_chunk({"reasoning_content": r})) for r in reasoning]
-    parts.append(sse(_moonshot_chunk({"reasoning_content": ""})))
-    parts += [sse(_moonshot_chunk({"content": t})) for t in tokens]
+    parts = [sse(_moonshot_chunk({"role": "assistant", "content": ""}, model=model))]
+    parts += [sse(_moonshot_chunk({"reasoning_content": r}, model=model)) for r in reasoning]
+    parts.append(sse(_moonshot_chunk({"reasoning_content": ""}, model=model)))
+    parts += [sse(_moonshot_chunk({"content": t}, model=model)) for t in tokens]
     if tool_calls:
-        parts.append(sse(_moonshot_chunk({"tool_calls": tool_calls})))
+        parts.append(sse(_moonshot_chunk({"tool_calls": tool_calls}, model=model)))
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": len(tokens) + len(reasoning),
@@ -82,7 +83,7 @@ def moonshot_stream(
         "cached_tokens": cached_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
-    parts.append(sse(_moonshot_chunk({}, finish_reason=finish_reason, usage=usage)))
+    parts.append(sse(_moonshot_chunk({}, finish_reason=finish_reason, usage=usage, model=model)))
     parts.append(sse("[DONE]"))
     return FakeResponse(headers=SSE_HEADERS, parts=parts)
 

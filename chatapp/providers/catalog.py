@@ -163,15 +163,14 @@ def provider_models(kind: str) -> list[str]:
     return list(load().get("provider_models", {}).get(kind, []))
 
 
-def same_model(kind: str, a: str, b: str) -> bool:
-    """Whether two upstream ids name the same catalog model (`kimi-k2.6` and the dated
-    `moonshotai/kimi-k2.6-20260420` do; `kimi-k2.5` and `kimi-k3` do not)."""
-    if base_id(a) == base_id(b):
-        return True
-    fa, fb = lookup(kind, a), lookup(kind, b)
-    if fa is None or fb is None:
-        return False
-    return fa.family == fb.family and fa.display_name == fb.display_name
+def same_model(a: str, b: str) -> bool:
+    """Whether two upstream ids name the same model: reseller prefixes and a date suffix aside
+    (`kimi-k2.6` and `moonshotai/kimi-k2.6-20260420` do; `kimi-k2.5` and `kimi-k3` do not)."""
+    return _undated(base_id(a)) == _undated(base_id(b))
+
+
+def _undated(model_id: str) -> str:
+    return re.sub(r"-\d{4,8}$", "", model_id)
 
 
 def parse_model_list(raw_ids: list[str]) -> list[tuple[str, bool]]:
