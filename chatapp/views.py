@@ -18,6 +18,11 @@ from .model_catalog import default_model_for, models_for_user
 def _page(request: HttpRequest, conversation=None) -> HttpResponse:
     models = models_for_user(request.user)
     current = conversation.model if conversation and conversation.model_id else None
+    gone = model_gone_to_dict(request.user, conversation) if conversation else None
+    if gone is not None:  # retired: the picker offers its successor (the page says so)
+        current = next(
+            (m for m in models if gone["successor"] and m.pk == gone["successor"]["id"]), None
+        )
     if current is None:
         current = default_model_for(request.user)
     context = {
@@ -33,7 +38,7 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
             "context": context_state(conversation) if conversation else None,
             "models": [model_to_dict(m) for m in models],
             "settings": conversation_settings_to_dict(conversation) if conversation else None,
-            "model_gone": model_gone_to_dict(request.user, conversation) if conversation else None,
+            "model_gone": gone,
         },
     }
     return render(request, "chatapp/chat.html", context)

@@ -7,7 +7,7 @@ import { postForm } from "./http.js";
 import { addToList, focusSearch, setDrawer, setListTitle, setupLibrary, showConversation } from "./library.js";
 import { setupPrefs } from "./prefs.js";
 import { copyText, renderInto } from "./render.js";
-import { setupSettings } from "./settings.js";
+import { setupSettings, switchModel } from "./settings.js";
 import { ConversationSocket } from "./socket.js";
 
 const data = JSON.parse(document.getElementById("page-data").textContent);
@@ -237,6 +237,35 @@ function showError(message, retry = null) {
   retryButton.onclick = retry;
 }
 
+// The conversation's model is retired or gone: say so, and offer its successor in one click
+// (the settings are kept; a reply that failed on the old model is retried on the new one).
+function showModelGone(info) {
+  const box = $("model-gone");
+  $("model-gone-text").textContent = info.message;
+  const button = $("model-gone-continue");
+  button.hidden = !info.successor;
+  box.hidden = false;
+  if (!info.successor) return;
+  button.textContent = `Continue with ${info.successor.name}`;
+  if ([...modelSelect.options].some((o) => Number(o.value) === info.successor.id)) {
+    modelSelect.value = String(info.successor.id);
+    images.setModel();
+  }
+  button.onclick = async () => {
+    try {
+      if (conversation) await switchModel(conversation.id, info.successor.id);
+    } catch (failure) {
+      showError(failure.message);
+      return;
+    }
+    box.hidden = true;
+    showError("");
+    $("announcer").textContent = `Continuing with ${info.successor.name}.`;
+    if (info.retry && messages.has(info.retry)) regenerate(info.retry);
+    else if (pending === null && input.value.trim()) send();
+  };
+}
+
 function setConnection(text) {
   const el = $("connection");
   el.textContent = text;
@@ -336,6 +365,14 @@ const handlers = {
     if (follow) scrollToBottom();
   },
   error(frame) {
+    if (frame.code === "model_not_found" && frame.successor) {
+      showModelGone({ message: "The provider no longer serves this model.", successor: frame.successor, retry: frame.message_id });
+    }
+    if (frame.code === "model_retired") {
+      // Refused before anything was written: the message names the model to continue with.
+      const successor = data.models.find((m) => frame.message.includes(`Continue with ${m.name}.`));
+      if (successor) showModelGone({ message: frame.message.replace(`Continue with ${successor.name}.`, ""), successor });
+    }
     // A reply's own failure is shown in its bubble (reply.end); others by the composer.
     if (frame.message_id) return;
     images.restore(); // a refused send keeps its images in the composer
@@ -529,6 +566,7 @@ setupSettings({
 });
 showConversation(conversation);
 showContext(data.context);
+if (data.model_gone) showModelGone(data.model_gone);
 for (const message of data.messages) renderMessage(message);
 scrollToBottom();
 if (conversation) connect();

@@ -1,13 +1,15 @@
-// The per-conversation settings dialog: system prompt, max output tokens, thinking (only for
-// models that reason) and temperature (only where the provider allows it: Kimi on Moonshot fixes
-// it by mode, so the dialog shows the fixed values instead of a slider the provider would reject).
+// The per-conversation settings dialog: system prompt, max output tokens, and only the controls
+// the chosen model's request contract allows (model.controls, from the catalog): a thinking
+// switch (K2.6), a reasoning-effort choice (K3), a temperature where the provider does not fix
+// it (every Kimi family does: the dialog says so instead of offering a slider it would reject).
 import { editWarning } from "./context.js";
 import { confirmDialog } from "./dialogs.js";
 import { postForm } from "./http.js";
 
 const $ = (id) => document.getElementById(id);
 let options = null;
-let saved = { system_prompt: "", max_output_tokens: null, thinking: null, temperature: null };
+let saved = { system_prompt: "", max_output_tokens: null, thinking: null, temperature: null, reasoning_effort: "" };
+const NO_CONTROLS = { thinking: false, temperature: true, reasoning_effort: [], effort_default: "" };
 
 export function setupSettings(opts) {
   options = opts;
@@ -34,29 +36,71 @@ function showTemperature() {
   $("temperature-value").textContent = useDefault ? "(provider default)" : Number($("temperature").value).toFixed(2);
 }
 
+function controlsOf(model) {
+  return (model && model.controls) || NO_CONTROLS;
+}
+
+function fixedText(model, controls) {
+  const fixed = model.fixed_temperature || {};
+  if (controls.thinking && fixed.thinking != null && fixed.instant != null) {
+    return `Temperature: fixed by the provider at ${fixed.thinking.toFixed(1)} with thinking, ${fixed.instant.toFixed(1)} without.`;
+  }
+  const value = model.reasoning_mode === "off" ? fixed.instant : fixed.thinking;
+  return value != null ? `Temperature: fixed by the provider at ${value.toFixed(1)}.` : "Temperature: set by the provider.";
+}
+
+function fillEffort(controls) {
+  const select = $("reasoning-effort");
+  select.replaceChildren();
+  const fallback = document.createElement("option");
+  fallback.value = "";
+  fallback.textContent = controls.effort_default ? `default (${controls.effort_default})` : "default";
+  select.append(fallback);
+  for (const value of controls.reasoning_effort) {
+    if (value === controls.effort_default) continue;
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = value;
+    select.append(option);
+  }
+  select.value = controls.reasoning_effort.includes(saved.reasoning_effort) ? saved.reasoning_effort : "";
+}
+
 function open() {
   const model = currentModel();
+  const controls = controlsOf(model);
   $("settings-model").textContent = model ? `Model: ${model.name}` : "";
   $("system-prompt").value = saved.system_prompt || "";
   $("system-prompt-warning").hidden = true;
   $("max-output-tokens").value = saved.max_output_tokens ?? "";
-  const reasoning = Boolean(model && model.reasoning);
-  $("thinking-field").hidden = !reasoning;
+  $("thinking-field").hidden = !controls.thinking;
   $("thinking").checked = saved.thinking !== false;
-  const fixed = model && model.fixed_temperature;
-  $("temperature-field").hidden = Boolean(fixed);
-  $("temperature-fixed").hidden = !fixed;
-  if (fixed) {
-    $("temperature-fixed").textContent = reasoning
-      ? `Temperature: fixed by the provider at ${fixed.thinking.toFixed(1)} with thinking, ${fixed.instant.toFixed(1)} without.`
-      : `Temperature: fixed by the provider at ${fixed.instant.toFixed(1)}.`;
-  }
+  $("thinking-always").hidden = !(model && model.reasoning_mode === "always");
+  $("effort-field").hidden = !controls.reasoning_effort.length;
+  fillEffort(controls);
+  $("temperature-field").hidden = !controls.temperature;
+  $("temperature-fixed").hidden = controls.temperature;
+  if (!controls.temperature) $("temperature-fixed").textContent = fixedText(model, controls);
   $("temperature-default").checked = saved.temperature == null;
   $("temperature").value = saved.temperature ?? 1;
   showTemperature();
   $("settings-error").hidden = true;
   $("settings-dialog").showModal();
   $("system-prompt").focus();
+}
+
+// Keep every saved setting and change the model (the "Continue with …" of a retired model).
+export async function switchModel(conversationId, modelId) {
+  const fields = {
+    model: modelId,
+    system_prompt: saved.system_prompt || "",
+    max_output_tokens: saved.max_output_tokens ?? "",
+    thinking: saved.thinking == null ? "" : String(saved.thinking),
+    temperature: saved.temperature ?? "",
+    reasoning_effort: saved.reasoning_effort || "",
+  };
+  saved = await postForm(`/api/conversations/${conversationId}/settings`, fields, "The model was not changed.");
+  return saved;
 }
 
 async function onSubmit(event) {
@@ -68,8 +112,9 @@ async function onSubmit(event) {
     model: model ? model.id : "",
     system_prompt: prompt,
     max_output_tokens: $("max-output-tokens").value,
-    thinking: model && model.reasoning ? String($("thinking").checked) : "",
+    thinking: controlsOf(model).thinking ? String($("thinking").checked) : "",
     temperature: !$("temperature-field").hidden && !$("temperature-default").checked ? $("temperature").value : "",
+    reasoning_effort: $("effort-field").hidden ? "" : $("reasoning-effort").value,
   };
   if (prompt !== (saved.system_prompt || "") && options.hasMessages()) {
     $("settings-dialog").close();

@@ -40,6 +40,8 @@ USERS = 24  # one fresh account per scenario, made in one go at start-up
 TIMEOUT_MS = 20_000
 
 _next_user = itertools.count(1)
+# The running server's environment, for tests that prepare data with `manage.py shell`.
+SERVER_ENV: dict = {}
 
 
 def _is_browser_test(item) -> bool:
@@ -105,6 +107,8 @@ def app_server(_upstream_server, chromium_path):
         STREAM_CHECKPOINT_INTERVAL="0.2",
         PYTHONUNBUFFERED="1",
     )
+    SERVER_ENV.clear()
+    SERVER_ENV.update(env)
     _manage(env, "migrate", "--noinput")
     _manage(env, "createcachetable")  # the database cache (no REDIS_URL here)
     _manage(env, "collectstatic", "--noinput")
