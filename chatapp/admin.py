@@ -239,6 +239,7 @@ class MessageAdmin(admin.ModelAdmin):
         "cached_tokens",
         "completion_tokens",
         "finish_reason",
+        "served_model",
         "created_at",
     )
     list_filter = ("role", "status")
@@ -276,6 +277,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "team",
         "model_name",
         "provider_name",
+        "served_model",
         "status",
         "prompt_tokens",
         "cached_tokens",
