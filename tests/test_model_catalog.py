@@ -498,3 +498,29 @@ def test_a_401_says_the_platforms_keys_are_not_interchangeable():
     assert "api.moonshot.cn" in error.staff_message
     assert "not interchangeable" in error.staff_message
     assert "moonshot.cn" not in error.user_message  # users get our own short wording
+
+
+def test_video_parts_have_moonshots_documented_shape():
+    from chatapp.providers import errors as provider_errors
+    from chatapp.providers.openai_compat import check_images, video_part
+
+    part = video_part("video/mp4", b"\x00\x00\x00\x18ftypmp42")
+    assert part == {
+        "type": "video_url",
+        "video_url": {"url": "data:video/mp4;base64,AAAAGGZ0eXBtcDQy"},
+    }
+    check_images([{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}])
+    check_images(
+        [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "ms://f1"}}]}]
+    )
+    with pytest.raises(provider_errors.UnsupportedImage):
+        check_images(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}],
+                }
+            ]
+        )
+    with pytest.raises(ValueError):
+        video_part("video/x-matroska", b"")

@@ -12,6 +12,7 @@ chunks, and errors sent as a data event after a 200. Reading goes on after finis
 Subclasses (moonshot.py, workers_ai.py) change only the body, the URL and the error mapping.
 """
 
+import base64
 import json
 import logging
 import re
@@ -27,6 +28,32 @@ log = logging.getLogger(__name__)
 
 # Kimi (and Moonshot) accept images only as base64 data URLs in these formats.
 ALLOWED_IMAGE = re.compile(r"^data:image/(png|jpeg|webp|gif);base64,", re.IGNORECASE)
+# Video (models whose ModelConfig.video is set): Moonshot's chat API takes a `video_url` part
+# with a base64 data URL or an uploaded file's `ms://<file-id>`; its vision guide lists mp4,
+# mpeg, mov, avi, x-flv, mpg, webm, wmv and 3gpp (../shared/KIMI-PROTOCOL.md §4).
+VIDEO_MIME_TYPES = (
+    "video/mp4",
+    "video/mpeg",
+    "video/quicktime",
+    "video/x-msvideo",
+    "video/x-flv",
+    "video/webm",
+    "video/x-ms-wmv",
+    "video/3gpp",
+)
+ALLOWED_VIDEO = re.compile(
+    r"^(data:(" + "|".join(re.escape(m) for m in VIDEO_MIME_TYPES) + r");base64,|ms://)",
+    re.IGNORECASE,
+)
+
+
+def video_part(mime: str, data: bytes) -> dict:
+    """The content part that sends a video clip to a model that takes video:
+    `{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}`."""
+    if mime.lower() not in VIDEO_MIME_TYPES:
+        raise ValueError(f"not a video type Kimi accepts: {mime}")
+    encoded = base64.b64encode(data).decode("ascii")
+    return {"type": "video_url", "video_url": {"url": f"data:{mime.lower()};base64,{encoded}"}}
 
 
 def dumps(body: dict) -> bytes:
@@ -42,6 +69,16 @@ def check_images(messages: list[dict]) -> None:
         if not isinstance(content, list):
             continue
         for part in content:
+            if isinstance(part, dict) and part.get("type") == "video_url":
+                url = (part.get("video_url") or {}).get("url", "")
+                if not isinstance(url, str) or not ALLOWED_VIDEO.match(url):
+                    raise errors.make(
+                        errors.UnsupportedImage,
+                        status=None,
+                        detail="refused video url",
+                        message="The model cannot read this video (use MP4, WebM, MOV or MPEG).",
+                    )
+                continue
             if not isinstance(part, dict) or part.get("type") != "image_url":
                 continue
             url = (part.get("image_url") or {}).get("url", "")
