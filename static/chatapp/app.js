@@ -304,12 +304,16 @@ const handlers = {
     renderMessage(frame.message);
     if (frame.title && conversation) setTitle(frame.title);
     const reply = frame.reply;
+    // Frames without a seq are delivered at least once: a repeat must not reset a reply that
+    // is already streaming or has ended.
+    if (messages.has(reply.id)) return;
     if (!live || live.id !== reply.id) startLive(reply.id);
     renderMessage(reply);
     setStreaming(true);
     scrollToBottom();
   },
   "message.edited"(frame) {
+    if (messages.has(frame.reply.id)) return; // a repeat
     removeAfter(frame.message.id);
     renderMessage(frame.message);
     startLive(frame.reply.id);
@@ -334,6 +338,7 @@ const handlers = {
     scheduleLiveRender();
   },
   "reply.replaced"(frame) {
+    if (messages.has(frame.reply.id)) return; // a repeat
     removeAfter(frame.old_id - 1);
     startLive(frame.reply.id);
     renderMessage(frame.reply);
