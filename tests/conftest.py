@@ -106,7 +106,8 @@ async def connect(user, conversation_id, *, origin=ORIGIN) -> WebsocketCommunica
     communicator = WebsocketCommunicator(
         application, f"/ws/conversations/{conversation_id}/", headers=headers
     )
-    connected, _ = await communicator.connect()
+    # Channels' default is 1 s: the join's round trip through Redis takes longer on a busy machine.
+    connected, _ = await communicator.connect(timeout=10)
     assert connected
     return communicator
 
