@@ -12,12 +12,14 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse_lazy
 from django.views.decorators.http import require_GET, require_POST
 
-from . import accounts, teams, usage
+from . import accounts, audit, teams, usage
 from .models import Membership, Team
 
 
@@ -37,9 +39,24 @@ class LoginView(auth_views.LoginView):
     redirect_authenticated_user = True
 
 
+class LogoutView(auth_views.LogoutView):
+    """Django's log-out (POST only), written to the audit log first (the app's and the admin's)."""
+
+    def post(self, request, *args, **kwargs):
+        if request.user.is_authenticated:
+            accounts.logged_out(user=request.user, request=request)
+        return super().post(request, *args, **kwargs)
+
+
 class SetPasswordView(auth_views.PasswordResetConfirmView):
     template_name = "registration/set_password.html"
     success_url = reverse_lazy("set-password-done")
+
+    @transaction.atomic
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        accounts.set_password_link_used(user=form.user, request=self.request)
+        return response
 
 
 class SetPasswordDoneView(auth_views.PasswordResetCompleteView):
@@ -112,10 +129,10 @@ def team_member_active(request: HttpRequest, user_id: int) -> HttpResponse:
     if member is None:
         raise Http404("Not a member you manage")
     if request.POST.get("active") == "1":
-        accounts.user_reactivate(user=member)
+        accounts.user_reactivate(user=member, actor=admin, request=request)
         messages.success(request, f"{member.get_username()} can log in again.")
     else:
-        accounts.user_deactivate(user=member)
+        accounts.user_deactivate(user=member, actor=admin, request=request)
         messages.success(request, f"{member.get_username()} was deactivated and logged out.")
     return redirect("team")
 
@@ -131,6 +148,63 @@ def usage_report(request: HttpRequest) -> HttpResponse:
 @require_GET
 def usage_csv(request: HttpRequest) -> HttpResponse:
     report = usage.usage_report(month=teams.parse_month(request.GET.get("month")))
+    audit.audit_record(
+        actor=request.user,
+        action="export.usage_csv",
+        changes={"month": str(report["month"])},
+        request=request,
+    )
     response = HttpResponse(usage.csv_text(report), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="usage-{report["month"]}.csv"'
+    return response
+
+
+AUDIT_PAGE_SIZE = 100
+
+
+def _audit_entries(request: HttpRequest):
+    return audit.audit_search(
+        query=request.GET.get("q", "").strip(),
+        action=request.GET.get("action", "").strip(),
+        actor=request.GET.get("actor", "").strip(),
+    )
+
+
+@staff_required
+@require_GET
+def audit_log(request: HttpRequest) -> HttpResponse:
+    page = Paginator(_audit_entries(request), AUDIT_PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = [(entry, audit.change_text(entry.changes)) for entry in page.object_list]
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(
+        request,
+        "chatapp/audit.html",
+        {
+            "page": page,
+            "rows": rows,
+            "query": query.urlencode(),
+            "q": request.GET.get("q", ""),
+            "action": request.GET.get("action", ""),
+            "actor": request.GET.get("actor", ""),
+        },
+    )
+
+
+@staff_required
+@require_GET
+def audit_csv(request: HttpRequest) -> HttpResponse:
+    entries = _audit_entries(request)
+    with transaction.atomic():
+        audit.audit_record(
+            actor=request.user,
+            action="export.audit_csv",
+            changes={
+                key: request.GET[key] for key in ("q", "action", "actor") if key in request.GET
+            },
+            request=request,
+        )
+        text = audit.csv_text(entries)
+    response = HttpResponse(text, content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="audit-{teams.now():%Y%m%d-%H%M}.csv"'
     return response

@@ -3,7 +3,9 @@
 - Log-in guessing: failed attempts are counted per account and per client IP in the cache
   (shared by every process: Redis or the database). Past the limit the account (or IP) is locked
   for LOGIN_LOCK_SECONDS; the lock expires by itself. A locked account is refused before the
-  password is checked. The IP is REMOTE_ADDR (the proxy must set it).
+  password is checked. The IP is audit.client_ip (REMOTE_ADDR as trusted per the proxy setting).
+- Every log-in (success, failure, lock), set-password link and deactivation is written to the
+  audit log (audit.py), in the same transaction as the change.
 - There is no sign-up: staff create a user without a password and hand over a one-time
   set-password link (Django's token generator: single use because it hashes the password, and
   it expires after PASSWORD_RESET_TIMEOUT). It is e-mailed too when EMAIL_HOST is set.
@@ -32,7 +34,8 @@ from django.urls import reverse
 from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 
-from . import events, teams
+from . import audit, events, teams
+from .audit import client_ip
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,10 @@ def login_lock_message(*, username: str, ip: str) -> str | None:
     return None
 
 
-def login_failed(*, username: str, ip: str) -> None:
+def login_failed(*, username: str, ip: str) -> list[str]:
+    """Count a failed attempt; -> what it locked ("account", "address"), usually nothing."""
     lock = settings.LOGIN_LOCK_SECONDS
+    locked = []
     moment = teams.now().timestamp()
     for key, limit, _ in _limits(username=username, ip=ip):
         cache.add(f"{key}:fails", 0, timeout=lock)
@@ -80,14 +85,12 @@ def login_failed(*, username: str, ip: str) -> None:
         if failures >= limit:
             cache.set(f"{key}:lock", moment + lock, timeout=lock)
             cache.delete(f"{key}:fails")  # after the lock, a fresh set of attempts
+            locked.append("account" if key.startswith("login:account:") else "address")
+    return locked
 
 
 def login_succeeded(*, username: str) -> None:
     cache.delete(f"{_key('account', username)}:fails")
-
-
-def client_ip(request) -> str:
-    return request.META.get("REMOTE_ADDR", "") if request is not None else ""
 
 
 DEACTIVATED = "This account has been deactivated. Ask your administrator."
@@ -101,15 +104,44 @@ class ThrottleMixin:
         ip = client_ip(self.request)
         refused = login_lock_message(username=username, ip=ip)
         if refused:
+            self._audit_failure(username, "locked")
             raise forms.ValidationError(refused, code="locked")
         try:
             cleaned = super().clean()
         except forms.ValidationError:
-            self._refuse_if_deactivated(username)
-            login_failed(username=username, ip=ip)
+            try:
+                self._refuse_if_deactivated(username)
+            except forms.ValidationError:
+                self._audit_failure(username, "deactivated")
+                raise
+            locked = login_failed(username=username, ip=ip)
+            self._audit_failure(username, "bad_credentials")
+            for what in locked:
+                audit.audit_record(
+                    actor=None,
+                    actor_name=username,
+                    action="login.lock",
+                    obj=self._known_user(username),
+                    changes={"locked": what, "seconds": settings.LOGIN_LOCK_SECONDS},
+                    request=self.request,
+                )
             raise
         login_succeeded(username=username)
+        audit.audit_record(actor=self.get_user(), action="login.success", request=self.request)
         return cleaned
+
+    def _known_user(self, username: str):
+        return get_user_model().objects.filter(username=username).first() if username else None
+
+    def _audit_failure(self, username: str, reason: str) -> None:
+        audit.audit_record(
+            actor=None,
+            actor_name=username,
+            action="login.failure",
+            obj=self._known_user(username),
+            changes={"reason": reason},
+            request=self.request,
+        )
 
     def _refuse_if_deactivated(self, username: str) -> None:
         # The backend answers "wrong password" for inactive users; with the right password, say why.
@@ -138,6 +170,12 @@ def set_password_link(*, user, request) -> str:
 def set_password_link_issue(*, user, request) -> tuple[str, bool]:
     """A fresh one-time link for the user; e-mailed when mail is configured. -> (link, mailed)"""
     link = set_password_link(user=user, request=request)
+    audit.audit_record(
+        actor=getattr(request, "user", None),
+        action="password.link_issued",
+        obj=user,
+        request=request,
+    )
     mailed = False
     if settings.EMAIL_HOST and user.email:
         hours = settings.PASSWORD_RESET_TIMEOUT // 3600
@@ -170,15 +208,39 @@ def sessions_delete_for(*, user) -> int:
 
 
 @transaction.atomic
-def user_deactivate(*, user) -> None:
+def user_deactivate(*, user, actor=None, request=None) -> None:
     """Log the user out everywhere and refuse new log-ins."""
     get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+    audit.audit_record(
+        actor=actor,
+        action="user.deactivated",
+        obj=user,
+        changes={"is_active": [user.is_active, False]},
+        request=request,
+    )
     user.is_active = False
     sessions_delete_for(user=user)
     user_id = user.pk
     transaction.on_commit(lambda: async_to_sync(events.user_sockets_close)(user_id))
 
 
-def user_reactivate(*, user) -> None:
+@transaction.atomic
+def user_reactivate(*, user, actor=None, request=None) -> None:
     get_user_model().objects.filter(pk=user.pk).update(is_active=True)
+    audit.audit_record(
+        actor=actor,
+        action="user.reactivated",
+        obj=user,
+        changes={"is_active": [user.is_active, True]},
+        request=request,
+    )
     user.is_active = True
+
+
+def set_password_link_used(*, user, request) -> None:
+    """Record a password set through a one-time link (call inside the save's transaction)."""
+    audit.audit_record(actor=user, action="password.set_via_link", obj=user, request=request)
+
+
+def logged_out(*, user, request) -> None:
+    audit.audit_record(actor=user, action="logout", request=request)

@@ -4,14 +4,17 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import HttpResponseRedirect
 from django.urls import path, reverse
 
-from . import accounts, model_catalog, teams
+from . import accounts, audit, model_catalog, teams
 from .models import (
+    AuditEntry,
     Conversation,
     Membership,
     Message,
@@ -22,6 +25,65 @@ from .models import (
 )
 
 User = get_user_model()
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """Every add, change and delete made here is written to the audit log, before -> after.
+
+    The admin runs add/change/delete views in one transaction, so the entry commits with the
+    change. The "before" is read from the database in save_model (the form has already set the
+    new values on `obj`), the "after" once the many-to-many fields and inlines are saved.
+    """
+
+    def _audit_action(self, obj, verb: str) -> str:
+        return f"{obj._meta.model_name}.{verb}"
+
+    def save_model(self, request, obj, form, change) -> None:
+        before = {}
+        if change:
+            before = audit.snapshot(type(obj)._default_manager.get(pk=obj.pk))
+        request._audit_before = before  # read back in save_related
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        obj = form.instance
+        before = getattr(request, "_audit_before", {})
+        after = audit.snapshot(type(obj)._default_manager.get(pk=obj.pk))
+        changes = audit.diff(before, after)
+        changes.update(self.audit_extra_changes(form, before))
+        if change and not changes:
+            return
+        audit.audit_record(
+            actor=request.user,
+            action=self._audit_action(obj, "changed" if change else "created"),
+            obj=obj,
+            changes=changes,
+            request=request,
+        )
+
+    def audit_extra_changes(self, form, before: dict) -> dict:
+        """Changes the snapshot cannot see (a replaced secret)."""
+        return {}
+
+    def delete_model(self, request, obj) -> None:
+        self._audit_delete(request, obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        with transaction.atomic():
+            for obj in queryset:
+                self._audit_delete(request, obj)
+            super().delete_queryset(request, queryset)
+
+    def _audit_delete(self, request, obj) -> None:
+        audit.audit_record(
+            actor=request.user,
+            action=self._audit_action(obj, "deleted"),
+            obj=obj,
+            changes=audit.diff(audit.snapshot(obj), {}),
+            request=request,
+        )
 
 
 class ProviderForm(forms.ModelForm):
@@ -54,7 +116,7 @@ class ProviderForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(AuditedAdmin):
     form = ProviderForm
     list_display = ("name", "kind", "base_url", "key_set", "max_concurrency", "enabled")
     list_filter = ("kind", "enabled")
@@ -75,6 +137,13 @@ class ProviderAdmin(admin.ModelAdmin):
     @admin.display(boolean=True, description="key set")
     def key_set(self, provider: Provider) -> bool:
         return bool(provider.api_key)
+
+    def audit_extra_changes(self, form, before: dict) -> dict:
+        # A new key over an old one leaves "set" -> "set": say it was replaced (never the key).
+        data = form.cleaned_data
+        if before.get("api_key") and data.get("new_api_key") and not data.get("clear_api_key"):
+            return {"api_key": ["set", "replaced"]}
+        return {}
 
 
 class ModelConfigForm(forms.ModelForm):
@@ -118,7 +187,7 @@ class ModelConfigForm(forms.ModelForm):
 
 
 @admin.register(ModelConfig)
-class ModelConfigAdmin(admin.ModelAdmin):
+class ModelConfigAdmin(AuditedAdmin):
     form = ModelConfigForm
     change_list_template = "admin/chatapp/modelconfig/change_list.html"
     list_display = (
@@ -191,6 +260,12 @@ class ModelConfigAdmin(admin.ModelAdmin):
         if request.method != "POST" or not self.has_change_permission(request):
             raise PermissionDenied
         report = model_catalog.catalog_sync(discover=True)
+        audit.audit_record(
+            actor=request.user,
+            action="model.catalog_refreshed",
+            changes={"result": report.summary()},
+            request=request,
+        )
         level = messages.WARNING if report.unreachable else messages.SUCCESS
         self.message_user(request, f"Models refreshed: {report.summary()}.", level)
         return HttpResponseRedirect(reverse("admin:chatapp_modelconfig_changelist"))
@@ -258,7 +333,7 @@ class MembershipInline(admin.TabularInline):
 
 
 @admin.register(Team)
-class TeamAdmin(admin.ModelAdmin):
+class TeamAdmin(AuditedAdmin):
     list_display = ("name", "monthly_budget_usd", "member_monthly_cap_usd", "spent_this_month")
     search_fields = ("name",)
     filter_horizontal = ("allowed_models",)
@@ -319,7 +394,7 @@ class UserActionForm(ActionForm):
     )
 
 
-class AccountUserAdmin(UserAdmin):
+class AccountUserAdmin(AuditedAdmin, UserAdmin):
     add_form = UserCreateForm
     add_fieldsets = (
         (None, {"fields": ("username", "email", "first_name", "last_name", "team", "role")}),
@@ -352,6 +427,18 @@ class AccountUserAdmin(UserAdmin):
                 user=obj, team=form.cleaned_data["team"], role=form.cleaned_data["role"]
             )
 
+    def user_change_password(self, request, id, form_url=""):
+        with transaction.atomic():
+            response = super().user_change_password(request, id, form_url)
+            if request.method == "POST" and response.status_code == 302:
+                audit.audit_record(
+                    actor=request.user,
+                    action="password.changed",
+                    obj=self.get_object(request, unquote(id)),
+                    request=request,
+                )
+        return response
+
     def response_add(self, request, obj, post_url_continue=None):
         self._announce_link(request, obj)
         return super().response_add(request, obj, post_url_continue)
@@ -376,13 +463,13 @@ class AccountUserAdmin(UserAdmin):
     def deactivate_users(self, request, queryset) -> None:
         users = [u for u in queryset if u.pk != request.user.pk]
         for user in users:
-            accounts.user_deactivate(user=user)
+            accounts.user_deactivate(user=user, actor=request.user, request=request)
         self.message_user(request, f"Deactivated and logged out {len(users)} user(s).")
 
     @admin.action(description="Reactivate")
     def reactivate_users(self, request, queryset) -> None:
         for user in queryset:
-            accounts.user_reactivate(user=user)
+            accounts.user_reactivate(user=user, actor=request.user, request=request)
         self.message_user(request, f"Reactivated {queryset.count()} user(s).")
 
     @admin.action(description="Move to team (choose it below the action)")
@@ -393,8 +480,36 @@ class AccountUserAdmin(UserAdmin):
             self.message_user(request, "Choose the team to move them to.", messages.ERROR)
             return
         for user in queryset:
-            teams.membership_move(user=user, team=team)
+            with transaction.atomic():
+                before = audit.snapshot(user)
+                teams.membership_move(user=user, team=team)
+                audit.audit_record(
+                    actor=request.user,
+                    action="user.moved_team",
+                    obj=user,
+                    changes=audit.diff(before, audit.snapshot(user)),
+                    request=request,
+                )
         self.message_user(request, f"Moved {queryset.count()} user(s) to {team.name}.")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """Read-only: entries are never added, edited or deleted from the admin (retention only)."""
+
+    list_display = ("created_at", "actor_name", "action", "object_type", "object_repr", "address")
+    list_filter = ("action",)
+    search_fields = ("actor_name", "action", "object_repr", "address")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 admin.site.unregister(User)

@@ -9,7 +9,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
-from . import library
+from . import audit, library
 from .access import conversation_get_for_user
 from .errors import ClientError
 
@@ -66,7 +66,14 @@ def conversation_delete(request: HttpRequest, pk: int) -> JsonResponse:
     return JsonResponse({"deleted": pk})
 
 
-def _download(conversation, body: str, content_type: str, extension: str) -> HttpResponse:
+def _download(request, conversation, body: str, content_type: str, extension: str):
+    audit.audit_record(
+        actor=request.user,
+        action="export.conversation",
+        obj=conversation,
+        changes={"format": extension},
+        request=request,
+    )
     name = slugify(conversation.title)[:60] or f"conversation-{conversation.pk}"
     response = HttpResponse(body, content_type=content_type)
     response["Content-Disposition"] = f'attachment; filename="{name}.{extension}"'
@@ -78,7 +85,7 @@ def _download(conversation, body: str, content_type: str, extension: str) -> Htt
 def conversation_export_markdown(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = conversation_get_for_user(request.user, pk)
     body = library.conversation_export_markdown(conversation)
-    return _download(conversation, body, "text/markdown; charset=utf-8", "md")
+    return _download(request, conversation, body, "text/markdown; charset=utf-8", "md")
 
 
 @login_required
@@ -86,4 +93,4 @@ def conversation_export_markdown(request: HttpRequest, pk: int) -> HttpResponse:
 def conversation_export_json(request: HttpRequest, pk: int) -> HttpResponse:
     conversation = conversation_get_for_user(request.user, pk)
     body = library.conversation_export_json(conversation)
-    return _download(conversation, body, "application/json; charset=utf-8", "json")
+    return _download(request, conversation, body, "application/json; charset=utf-8", "json")

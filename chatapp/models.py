@@ -390,3 +390,35 @@ class AttachmentPart(models.Model):
 
     def __str__(self) -> str:
         return f"{self.attachment_id}/{self.index}"
+
+
+class AuditEntry(models.Model):
+    """One audited event (chatapp/audit.py). Written in the transaction of the change it records;
+    never edited; deleted only by retention (AUDIT_RETENTION_DAYS)."""
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    # The name as it was (kept when the user is renamed or deleted; the attempted username of a
+    # failed log-in).
+    actor_name = models.CharField(max_length=150, blank=True)
+    action = models.CharField(max_length=64, db_index=True)
+    object_type = models.CharField(max_length=100, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    # {"field": [before, after]} for a change; other small details for other events.
+    changes = models.JSONField(default=dict, blank=True)
+    address = models.CharField("client address", max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "audit entries"
+        indexes = [models.Index(fields=["object_type", "object_id"])]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name or '-'} {self.action}"

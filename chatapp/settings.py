@@ -225,6 +225,9 @@ LOGIN_LOCK_SECONDS = env_int("LOGIN_LOCK_SECONDS", 900)
 PASSWORD_RESET_TIMEOUT = env_int("SET_PASSWORD_LINK_HOURS", 72) * 3600
 # Sends (and regenerations) per user per minute; 0 = no limit.
 USER_REQUESTS_PER_MINUTE = env_int("USER_REQUESTS_PER_MINUTE", 20)
+# Audit log (chatapp/audit.py): entries older than this many days are deleted by
+# `manage.py prepare` and `manage.py purge_audit`; 0 keeps them forever.
+AUDIT_RETENTION_DAYS = env_int("AUDIT_RETENTION_DAYS", 365)
 
 # Mail is optional: set-password links are also e-mailed when EMAIL_HOST is set.
 EMAIL_HOST = env_str("EMAIL_HOST")

@@ -1,5 +1,4 @@
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from . import account_views, image_views, library_views, views
@@ -47,7 +46,7 @@ urlpatterns = [
         library_views.conversation_export_json,
         name="conversation-export-json",
     ),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("logout/", account_views.LogoutView.as_view(), name="logout"),
     path(
         "set-password/<uidb64>/<token>/",
         account_views.SetPasswordView.as_view(),
@@ -66,6 +65,14 @@ urlpatterns = [
     ),
     path("usage/", account_views.usage_report, name="usage"),
     path("usage.csv", account_views.usage_csv, name="usage-csv"),
+    path("audit/", account_views.audit_log, name="audit"),
+    path("audit.csv", account_views.audit_csv, name="audit-csv"),
     path("healthz", views.healthz, name="healthz"),
+    # The admin's log-out, through the app's view so it is audited too (matched before admin's).
+    path(
+        "admin/logout/",
+        account_views.LogoutView.as_view(next_page="admin:login"),
+        name="admin-logout",
+    ),
     path("admin/", admin.site.urls),
 ]

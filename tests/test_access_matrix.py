@@ -188,6 +188,16 @@ URL_CASES = {
     "usage-csv": Case(
         "get", lambda w: "/usage.csv", only({"staff": 200}, others=403), route="usage.csv"
     ),
+    "audit": Case("get", lambda w: "/audit/", only({"staff": 200}, others=403), route="audit/"),
+    "audit-csv": Case(
+        "get", lambda w: "/audit.csv", only({"staff": 200}, others=403), route="audit.csv"
+    ),
+    "admin-logout": Case(
+        "post",
+        lambda w: "/admin/logout/",
+        every(ADMIN_LOGIN, anonymous=ADMIN_LOGIN, deactivated=ADMIN_LOGIN),
+        route="admin/logout/",
+    ),
     "healthz": Case(
         "get", lambda w: "/healthz", every(200, anonymous=200, deactivated=200), route="healthz"
     ),

@@ -44,3 +44,4 @@ class Command(BaseCommand):
             starter = StartCommand(stdout=self.stdout, stderr=self.stderr)
             starter.ensure_admin()
         call_command("reap_replies", stdout=self.stdout)
+        call_command("purge_audit", stdout=self.stdout)
