@@ -92,9 +92,9 @@ def replies_reap_expired(*, now: datetime | None = None) -> list[Message]:
     return reaped
 
 
-async def reap_once() -> int:
+async def reap_once(*, now: datetime | None = None) -> int:
     """Reap expired replies and tell every socket on their conversations."""
-    reaped = await database_sync_to_async(replies_reap_expired)()
+    reaped = await database_sync_to_async(replies_reap_expired)(now=now)
     for message in reaped:
         await events.reply_end(message=message)
     return len(reaped)

@@ -76,12 +76,11 @@ async def test_reaper_and_owner_racing_end_a_reply_once(fake_upstream, settings)
     running = generation.RUNNING[reply_id]
     await wait_for(lambda: len(running.sent_content) > 20)
 
-    # The lease looks expired (a long database outage held the heartbeat): the reaper ends it
-    # while the owner is still streaming.
-    await Message.objects.filter(pk=reply_id).aupdate(
-        lease_expires_at=timezone.now() - timedelta(seconds=1)
-    )
-    assert await reaper.reap_once() == 1
+    # A reaper whose clock is past the lease (as after a long database outage held the
+    # heartbeat) ends the reply while its owner is still streaming. (Expiring the row's lease
+    # instead would race the owner's next checkpoint, which renews it.)
+    later = timezone.now() + timedelta(seconds=settings.STREAM_LEASE_SECONDS + 1)
+    assert await reaper.reap_once(now=later) == 1
     await running.task  # the owner finishes its stream and tries its own final save
 
     frames = await receive_until(ws, "reply.end")
