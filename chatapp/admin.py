@@ -209,6 +209,15 @@ class ModelConfigAdmin(AuditedAdmin):
     list_filter = ("provider", "status", "family", "vision", "video", "reasoning", "enabled")
     search_fields = ("display_name", "model_id")
     readonly_fields = ("origin", "staff_decided")
+    actions = ["use_catalog_facts"]
+
+    @admin.action(description="Forget staff decisions (use the catalog's facts again)")
+    def use_catalog_facts(self, request, queryset) -> None:
+        for model in queryset.select_related("provider"):
+            model.staff_overrides = []
+            model_catalog.model_fill_from_catalog(model)
+            model.save()
+        self.message_user(request, f"{queryset.count()} model(s) follow the catalog again.")
 
     @admin.display(description="availability")
     def availability(self, model: ModelConfig) -> str:

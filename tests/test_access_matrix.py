@@ -270,6 +270,17 @@ URL_CASES = {
         only({"owner": 200}, others=404),
         route="c/<int:pk>/export.json",
     ),
+    "admin-models-refresh": Case(
+        "post",
+        lambda w: "/admin/chatapp/modelconfig/refresh/",
+        only(
+            {"staff": (302, "/admin/chatapp/modelconfig/")},
+            others=ADMIN_LOGIN,
+            anonymous=ADMIN_LOGIN,
+            deactivated=ADMIN_LOGIN,
+        ),
+        route="admin/",
+    ),
     "admin-conversation": Case(
         "get",
         lambda w: f"/admin/chatapp/conversation/{w['conversation'].pk}/change/",

@@ -524,3 +524,18 @@ def test_video_parts_have_moonshots_documented_shape():
         )
     with pytest.raises(ValueError):
         video_part("video/x-matroska", b"")
+
+
+def test_staff_can_hand_a_model_back_to_the_catalog(moonshot):
+    client = staff_client()
+    k3 = model("kimi-k3")
+    client.post(
+        f"/admin/chatapp/modelconfig/{k3.pk}/change/", admin_form(k3, price_output="9.0000")
+    )
+    assert model("kimi-k3").price_output == Decimal("9")
+    client.post(
+        "/admin/chatapp/modelconfig/",
+        {"action": "use_catalog_facts", "_selected_action": [k3.pk]},
+    )
+    k3 = model("kimi-k3")
+    assert (k3.staff_overrides, k3.price_output) == ([], Decimal("15.00"))
