@@ -137,7 +137,9 @@ class Generation:
             frame = events.frame_error(
                 code=exc.code, message=exc.user_message, message_id=self.message_id
             )
-            if exc.code == "model_not_found":  # retired upstream: offer its successor
+            if exc.code == "model_not_found" and "model" in exc.detail.lower():
+                # Retired upstream (the body names the model, not a wrong URL): offer its
+                # successor.
                 frame.update(
                     await database_sync_to_async(model_catalog.model_gone)(self.message_id)
                 )

@@ -222,6 +222,23 @@ async def test_k3_request_has_no_thinking_no_sampling_and_its_own_output_default
     assert body["messages"][1] == {"role": "assistant", "content": "ok", "reasoning_content": "hm"}
 
 
+async def test_k31_pro_follows_the_k3_contract_at_its_own_prices(moonshot):
+    usage_stream = moonshot_stream(["ok"], model="kimi-k3.1-pro", prompt_tokens=1_000_000)
+    moonshot.enqueue(usage_stream)
+    user, conversation = await make_chat(model_id="kimi-k3.1-pro", temperature=1.5)
+    _, reply = await chat(user, conversation)
+    body = moonshot.chat_requests()[-1].json
+    assert body["model"] == "kimi-k3.1-pro" and "thinking" not in body
+    for key in SAMPLING:
+        assert key not in body
+    assert body["max_completion_tokens"] == 131_072 and "reasoning_effort" not in body
+    # 2,989 cached at $0.20, the rest of the million at $2.00, one output token at $10.00.
+    cached, out = 2989, 1
+    expected = (Decimal(1_000_000 - cached) * 2 + cached * Decimal("0.2") + out * 10) / 1_000_000
+    assert reply.cost_usd == expected.quantize(Decimal("0.000001"))
+    assert reply.served_model == ""
+
+
 async def test_k3_output_limit_is_clamped_to_the_window(moonshot):
     user, conversation = await make_chat(model_id="kimi-k3")
     await ModelConfig.objects.filter(model_id="kimi-k3").aupdate(context_window=100_000)
@@ -471,7 +488,7 @@ async def test_a_reseller_redirecting_k25_to_k3_is_billed_at_k3_prices(fake_upst
         "total_tokens": 1_100_000,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
-    served = "moonshotai/kimi-k3"
+    served = "kimi-k3"  # what the reseller's chunks say answered
     parts = [sse(chunk(content="", model=served)), sse(chunk(content="Hi", model=served))]
     parts += [sse(chunk(finish_reason="stop", usage=usage, model=served)), sse("[DONE]")]
     fake_upstream.enqueue(FakeResponse(parts=parts))
