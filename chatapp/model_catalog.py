@@ -375,7 +375,7 @@ def _seed_demo() -> None:
     demo, _ = Provider.objects.get_or_create(
         name=DEMO_PROVIDER, defaults={"kind": Provider.Kind.DEMO, "managed_by_env": True}
     )
-    ModelConfig.objects.get_or_create(
+    model, created = ModelConfig.objects.get_or_create(
         provider=demo,
         model_id=DEMO_MODEL_ID,
         defaults={
@@ -387,6 +387,8 @@ def _seed_demo() -> None:
             "origin": ModelConfig.Origin.CATALOG,
         },
     )
+    if not created and model_apply(model, {"sort_order": DEMO_SORT_ORDER}):
+        model.save(update_fields=["sort_order"])  # rows seeded before the ranks: still last
 
 
 def ensure_catalog() -> None:
