@@ -214,9 +214,17 @@ class ModelConfigAdmin(AuditedAdmin):
     @admin.action(description="Forget staff decisions (use the catalog's facts again)")
     def use_catalog_facts(self, request, queryset) -> None:
         for model in queryset.select_related("provider"):
+            before = audit.snapshot(model)
             model.staff_overrides = []
             model_catalog.model_fill_from_catalog(model)
             model.save()
+            audit.audit_record(
+                actor=request.user,
+                action="modelconfig.catalog_facts_restored",
+                obj=model,
+                changes=audit.diff(before, audit.snapshot(model)),
+                request=request,
+            )
         self.message_user(request, f"{queryset.count()} model(s) follow the catalog again.")
 
     @admin.display(description="availability")
