@@ -7,6 +7,7 @@ right role gets 403 for a page and 404 for a member they may not manage.
 
 from functools import wraps
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth import views as auth_views
@@ -19,7 +20,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse_lazy
 from django.views.decorators.http import require_GET, require_POST
 
-from . import accounts, audit, teams, usage
+from . import accounts, audit, oidc, teams, usage
 from .models import Membership, Team
 
 
@@ -35,8 +36,20 @@ def staff_required(view):
 
 
 class LoginView(auth_views.LoginView):
+    """Single sign-on buttons above the password form; with PASSWORD_LOGIN=false the form is
+    only shown at ?break-glass=1 (and only the break-glass account gets in with it)."""
+
     form_class = accounts.ThrottledAuthenticationForm
     redirect_authenticated_user = True
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context["oidc_providers"] = oidc.providers_for_login()
+        context["password_login"] = settings.PASSWORD_LOGIN
+        context["break_glass"] = not settings.PASSWORD_LOGIN and (
+            "break-glass" in self.request.GET or self.request.method == "POST"
+        )
+        return context
 
 
 class LogoutView(auth_views.LogoutView):

@@ -48,14 +48,23 @@ def _key(kind: str, value: str) -> str:
     return f"login:{kind}:{digest}"
 
 
-def _limits(*, username: str, ip: str) -> list[tuple[str, int, str]]:
-    return [
-        (_key("account", username), settings.LOGIN_MAX_FAILURES_PER_ACCOUNT, "this account"),
-        (_key("ip", ip or "unknown"), settings.LOGIN_MAX_FAILURES_PER_IP, "your network address"),
+def _limits(*, username: str | None, ip: str) -> list[tuple[str, int, str]]:
+    """The counters a failure bumps; `username=None` (a single sign-on failure before the
+    person is known, e.g. a bad state) counts against the client address only."""
+    limits = [
+        (_key("ip", ip or "unknown"), settings.LOGIN_MAX_FAILURES_PER_IP, "your network address")
     ]
+    if username is not None:
+        account = (
+            _key("account", username),
+            settings.LOGIN_MAX_FAILURES_PER_ACCOUNT,
+            "this account",
+        )
+        limits.insert(0, account)
+    return limits
 
 
-def login_lock_message(*, username: str, ip: str) -> str | None:
+def login_lock_message(*, username: str | None, ip: str) -> str | None:
     """Why a log-in is refused right now, or None when it may be tried."""
     moment = teams.now().timestamp()
     for key, _, what in _limits(username=username, ip=ip):
@@ -70,7 +79,7 @@ def login_lock_message(*, username: str, ip: str) -> str | None:
     return None
 
 
-def login_failed(*, username: str, ip: str) -> list[str]:
+def login_failed(*, username: str | None, ip: str) -> list[str]:
     """Count a failed attempt; -> what it locked ("account", "address"), usually nothing."""
     lock = settings.LOGIN_LOCK_SECONDS
     locked = []
@@ -89,15 +98,51 @@ def login_failed(*, username: str, ip: str) -> list[str]:
     return locked
 
 
+def login_failed_record(
+    *, username: str | None, reason: str, request, action: str, count: bool = True, **details
+) -> None:
+    """Count a failed log-in against the throttle (unless `count` is false) and audit it, with
+    a `login.lock` entry for each lock it set. Password and single sign-on failures alike."""
+    locked = login_failed(username=username, ip=client_ip(request)) if count else []
+    known = get_user_model().objects.filter(username=username).first() if username else None
+    audit.audit_record(
+        actor=None,
+        actor_name=username or "",
+        action=action,
+        obj=known,
+        changes={"reason": reason, **details},
+        request=request,
+    )
+    for what in locked:
+        audit.audit_record(
+            actor=None,
+            actor_name=username or "",
+            action="login.lock",
+            obj=known,
+            changes={"locked": what, "seconds": settings.LOGIN_LOCK_SECONDS},
+            request=request,
+        )
+
+
 def login_succeeded(*, username: str) -> None:
     cache.delete(f"{_key('account', username)}:fails")
 
 
 DEACTIVATED = "This account has been deactivated. Ask your administrator."
+PASSWORDS_OFF = (
+    "Log-in with a password is turned off here: use the single sign-on button on the log-in page."
+)
+
+
+def password_login_allowed(username: str) -> bool:
+    """PASSWORD_LOGIN=false leaves passwords to the break-glass account only."""
+    if settings.PASSWORD_LOGIN:
+        return True
+    return bool(settings.BREAK_GLASS_USERNAME) and username == settings.BREAK_GLASS_USERNAME
 
 
 class ThrottleMixin:
-    """Put a log-in form behind the per-account and per-IP locks."""
+    """Put a log-in form behind the per-account and per-IP locks (and PASSWORD_LOGIN)."""
 
     def clean(self):
         username = self.cleaned_data.get("username") or ""
@@ -106,6 +151,9 @@ class ThrottleMixin:
         if refused:
             self._audit_failure(username, "locked")
             raise forms.ValidationError(refused, code="locked")
+        if not password_login_allowed(username):
+            self._count_failure(username, "passwords_off")
+            raise forms.ValidationError(PASSWORDS_OFF, code="passwords_off")
         try:
             cleaned = super().clean()
         except forms.ValidationError:
@@ -114,21 +162,20 @@ class ThrottleMixin:
             except forms.ValidationError:
                 self._audit_failure(username, "deactivated")
                 raise
-            locked = login_failed(username=username, ip=ip)
-            self._audit_failure(username, "bad_credentials")
-            for what in locked:
-                audit.audit_record(
-                    actor=None,
-                    actor_name=username,
-                    action="login.lock",
-                    obj=self._known_user(username),
-                    changes={"locked": what, "seconds": settings.LOGIN_LOCK_SECONDS},
-                    request=self.request,
-                )
+            self._count_failure(username, "bad_credentials")
             raise
+        if not settings.PASSWORD_LOGIN and not self.get_user().is_staff:
+            # The break-glass name must belong to a staff account to be let in by password.
+            self._count_failure(username, "passwords_off")
+            raise forms.ValidationError(PASSWORDS_OFF, code="passwords_off")
         login_succeeded(username=username)
         audit.audit_record(actor=self.get_user(), action="login.success", request=self.request)
         return cleaned
+
+    def _count_failure(self, username: str, reason: str) -> None:
+        login_failed_record(
+            username=username, reason=reason, request=self.request, action="login.failure"
+        )
 
     def _known_user(self, username: str):
         return get_user_model().objects.filter(username=username).first() if username else None

@@ -19,6 +19,9 @@ from .models import (
     Membership,
     Message,
     ModelConfig,
+    OIDCGroupMapping,
+    OIDCIdentity,
+    OIDCProvider,
     Provider,
     Team,
     UsageRecord,
@@ -345,8 +348,131 @@ class MessageAdmin(admin.ModelAdmin):
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
-    fields = ("user", "team", "role", "is_current")
+    # "synced from" empty = manual (left alone by the group sync); clear it to make a synced
+    # membership manual.
+    fields = ("user", "team", "role", "is_current", "synced_by")
     autocomplete_fields = ("user",)
+
+
+# ---- single sign-on ---------------------------------------------------------------------------
+
+
+class OIDCProviderForm(forms.ModelForm):
+    """The client secret is write-only, like provider API keys: a blank submit keeps it."""
+
+    new_client_secret = forms.CharField(
+        label="Client secret",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: leave empty to keep the current secret. Stored encrypted.",
+    )
+
+    class Meta:
+        model = OIDCProvider
+        fields = (
+            "slug",
+            "label",
+            "issuer",
+            "client_id",
+            "scopes",
+            "groups_claim",
+            "allowed_domains",
+            "required_groups",
+            "enabled",
+        )
+        field_classes = {"issuer": partial(forms.URLField, assume_scheme="https")}
+
+    def save(self, commit=True):
+        provider = super().save(commit=False)
+        if self.cleaned_data.get("new_client_secret"):
+            provider.client_secret = self.cleaned_data["new_client_secret"]
+        if commit:
+            provider.save()
+        return provider
+
+
+class OIDCGroupMappingInline(admin.TabularInline):
+    model = OIDCGroupMapping
+    extra = 1
+    fields = ("group", "team", "role")
+
+
+def _mapping_rows(provider: OIDCProvider) -> list[str]:
+    return sorted(str(m) for m in provider.group_mappings.select_related("team"))
+
+
+@admin.register(OIDCProvider)
+class OIDCProviderAdmin(AuditedAdmin):
+    form = OIDCProviderForm
+    list_display = ("label", "slug", "issuer", "client_id", "secret_set", "enabled")
+    readonly_fields = ("secret_set", "callback_path", "managed_by_env")
+    fields = (
+        "label",
+        "slug",
+        "issuer",
+        "client_id",
+        "new_client_secret",
+        "secret_set",
+        "scopes",
+        "groups_claim",
+        "allowed_domains",
+        "required_groups",
+        "enabled",
+        "callback_path",
+        "managed_by_env",
+    )
+    inlines = [OIDCGroupMappingInline]
+
+    @admin.display(boolean=True, description="secret set")
+    def secret_set(self, provider: OIDCProvider) -> bool:
+        return bool(provider.client_secret)
+
+    @admin.display(description="redirect URI to register at the provider")
+    def callback_path(self, provider: OIDCProvider) -> str:
+        if provider.pk is None:
+            return "shown after saving"
+        return f"https://<this site>/login/oidc/{provider.slug}/callback/"
+
+    def audit_extra_changes(self, form, before: dict) -> dict:
+        if before.get("client_secret") and form.cleaned_data.get("new_client_secret"):
+            return {"client_secret": ["set", "replaced"]}
+        return {}
+
+    def save_related(self, request, form, formsets, change):
+        # The provider's own fields are audited by AuditedAdmin; its group mappings (an inline)
+        # get an entry of their own, the whole list before -> after.
+        provider = form.instance
+        before = _mapping_rows(provider) if change else []
+        super().save_related(request, form, formsets, change)
+        after = _mapping_rows(provider)
+        if before != after:
+            audit.audit_record(
+                actor=request.user,
+                action="oidc.mapping_changed",
+                obj=provider,
+                changes={"group mappings": [before, after]},
+                request=request,
+            )
+
+
+@admin.register(OIDCIdentity)
+class OIDCIdentityAdmin(admin.ModelAdmin):
+    list_display = ("user", "provider", "email", "subject", "last_login_at")
+    list_filter = ("provider",)
+    search_fields = ("user__username", "email", "subject")
+    readonly_fields = (
+        "provider",
+        "subject",
+        "user",
+        "email",
+        "groups",
+        "created_at",
+        "last_login_at",
+    )
+
+    def has_add_permission(self, request) -> bool:
+        return False
 
 
 @admin.register(Team)

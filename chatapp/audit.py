@@ -30,7 +30,15 @@ from .models import AuditEntry
 
 # What the admin may change, and which fields of each object the log shows before -> after.
 # Secrets (password hashes, API keys) never appear; they are summarised by `_secret_state`.
-SKIPPED_FIELDS = {"password", "last_login", "api_key", "created_at", "updated_at", "date_joined"}
+SKIPPED_FIELDS = {
+    "password",
+    "last_login",
+    "api_key",
+    "client_secret",
+    "created_at",
+    "updated_at",
+    "date_joined",
+}
 
 
 def client_ip(request) -> str:
@@ -112,6 +120,8 @@ def snapshot(obj: models.Model) -> dict:
         state[field.name] = sorted(str(o) for o in getattr(obj, field.name).all())
     if hasattr(obj, "api_key"):
         state["api_key"] = "set" if obj.api_key else ""
+    if hasattr(obj, "client_secret"):  # an identity provider's (oidc.py)
+        state["client_secret"] = "set" if obj.client_secret else ""
     if hasattr(obj, "memberships"):
         rows = obj.memberships.select_related("user", "team")
         state["memberships"] = sorted(

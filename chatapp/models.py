@@ -188,6 +188,17 @@ class Membership(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
     # The team new conversations are started under (one per user; teams.team_choose keeps it so).
     is_current = models.BooleanField(default=False)
+    # Set when a sign-in through this identity provider made the membership from the user's
+    # groups (oidc.py keeps it in line with them); empty = manual, left alone by the group sync.
+    synced_by = models.ForeignKey(
+        "OIDCProvider",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="synced_memberships",
+        verbose_name="synced from",
+        help_text="Empty = manual: the group sync leaves it alone.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -196,6 +207,95 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.team} ({self.get_role_display()})"
+
+
+class OIDCProvider(models.Model):
+    """A company identity provider people sign in with (OpenID Connect; chatapp/oidc.py)."""
+
+    slug = models.SlugField(max_length=50, unique=True, help_text="Appears in the sign-in URLs.")
+    label = models.CharField(max_length=100, help_text="The button says “Sign in with <label>”.")
+    issuer = models.URLField(
+        "issuer URL",
+        max_length=500,
+        help_text="Its discovery document is <issuer>/.well-known/openid-configuration.",
+    )
+    client_id = models.CharField(max_length=255)
+    # Write-only in the admin, encrypted at rest like provider API keys (providers/keys.py).
+    client_secret = EncryptedTextField(blank=True)
+    scopes = models.CharField(max_length=255, default="openid email profile")
+    groups_claim = models.CharField(
+        max_length=100, default="groups", help_text="The claim that lists the user's groups."
+    )
+    allowed_domains = models.TextField(
+        "allowed e-mail domains",
+        blank=True,
+        help_text="One per line or comma-separated; empty = any domain.",
+    )
+    required_groups = models.TextField(
+        blank=True,
+        help_text="One per line or comma-separated; the user must be in at least one. "
+        "Empty = no group needed.",
+    )
+    enabled = models.BooleanField(default=True)
+    managed_by_env = models.BooleanField(
+        default=False, editable=False, help_text="Seeded from the OIDC_* variables at start."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "identity provider (OpenID Connect)"
+        verbose_name_plural = "identity providers (OpenID Connect)"
+        ordering = ["label"]
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class OIDCGroupMapping(models.Model):
+    """Members of `group` at the identity provider are put in `team` with `role`."""
+
+    provider = models.ForeignKey(
+        OIDCProvider, on_delete=models.CASCADE, related_name="group_mappings"
+    )
+    group = models.CharField(max_length=255, help_text="The group name as the claim lists it.")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="group_mappings")
+    role = models.CharField(
+        max_length=16, choices=Membership.Role.choices, default=Membership.Role.MEMBER
+    )
+
+    class Meta:
+        ordering = ["group", "team__name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "group", "team"], name="unique_group_mapping"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.group} → {self.team} ({self.get_role_display()})"
+
+
+class OIDCIdentity(models.Model):
+    """A user's account at an identity provider (its `sub`), linked to one local user."""
+
+    provider = models.ForeignKey(OIDCProvider, on_delete=models.CASCADE, related_name="identities")
+    subject = models.CharField(max_length=255)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="oidc_identities"
+    )
+    email = models.EmailField(blank=True)
+    groups = models.JSONField(default=list, blank=True, help_text="As of the last sign-in.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_login_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "OIDC identities"
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "subject"], name="unique_oidc_subject")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} at {self.provider}"
 
 
 class Conversation(models.Model):

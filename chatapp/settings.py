@@ -223,6 +223,21 @@ LOGIN_MAX_FAILURES_PER_IP = env_int("LOGIN_MAX_FAILURES_PER_IP", 20)
 LOGIN_LOCK_SECONDS = env_int("LOGIN_LOCK_SECONDS", 900)
 # A set-password link stays valid this long (and only until it is used).
 PASSWORD_RESET_TIMEOUT = env_int("SET_PASSWORD_LINK_HOURS", 72) * 3600
+# Single sign-on (chatapp/oidc.py): the first OpenID Connect provider can come from OIDC_*;
+# more are added by staff in the admin. PASSWORD_LOGIN=false hides the password form from
+# everyone but the break-glass staff account (BREAK_GLASS_USERNAME).
+OIDC_ISSUER = env_str("OIDC_ISSUER")
+OIDC_CLIENT_ID = env_str("OIDC_CLIENT_ID")
+OIDC_CLIENT_SECRET = env_str("OIDC_CLIENT_SECRET")
+OIDC_SCOPES = env_str("OIDC_SCOPES", "openid email profile")
+OIDC_GROUPS_CLAIM = env_str("OIDC_GROUPS_CLAIM", "groups")
+OIDC_LABEL = env_str("OIDC_LABEL", "your company account")
+OIDC_ALLOWED_DOMAINS = env_str("OIDC_ALLOWED_DOMAINS")
+OIDC_REQUIRED_GROUPS = env_str("OIDC_REQUIRED_GROUPS")
+OIDC_TIMEOUT = env_float("OIDC_TIMEOUT", 10.0)
+OIDC_CLOCK_SKEW_SECONDS = env_int("OIDC_CLOCK_SKEW_SECONDS", 60)
+PASSWORD_LOGIN = env_bool("PASSWORD_LOGIN", True)
+BREAK_GLASS_USERNAME = env_str("BREAK_GLASS_USERNAME", "admin")
 # Sends (and regenerations) per user per minute; 0 = no limit.
 USER_REQUESTS_PER_MINUTE = env_int("USER_REQUESTS_PER_MINUTE", 20)
 # Audit log (chatapp/audit.py): entries older than this many days are deleted by

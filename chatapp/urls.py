@@ -1,13 +1,15 @@
 from django.contrib import admin
 from django.urls import path
 
-from . import account_views, image_views, library_views, views
+from . import account_views, image_views, library_views, oidc_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("c/<int:pk>/", views.conversation_page, name="conversation"),
     path("api/conversations/", views.conversation_new, name="conversation-new"),
     path("login/", account_views.LoginView.as_view(), name="login"),
+    path("login/oidc/<slug:slug>/", oidc_views.oidc_login, name="oidc-login"),
+    path("login/oidc/<slug:slug>/callback/", oidc_views.oidc_callback, name="oidc-callback"),
     path("api/attachments/", image_views.upload, name="attachment-upload"),
     path("api/attachments/<int:pk>/", image_views.attachment_remove, name="attachment-remove"),
     path(
@@ -46,7 +48,7 @@ urlpatterns = [
         library_views.conversation_export_json,
         name="conversation-export-json",
     ),
-    path("logout/", account_views.LogoutView.as_view(), name="logout"),
+    path("logout/", oidc_views.LogoutView.as_view(), name="logout"),
     path(
         "set-password/<uidb64>/<token>/",
         account_views.SetPasswordView.as_view(),

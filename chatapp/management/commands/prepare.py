@@ -14,6 +14,7 @@ from django.db import connection
 
 from chatapp.management.commands.start import Command as StartCommand
 from chatapp.model_catalog import catalog_sync
+from chatapp.oidc import provider_seed_from_env
 
 # Any constant shared by every app process; chosen to not collide with other tools' locks.
 ADVISORY_LOCK_ID = 0x6B696D69  # "kimi"
@@ -41,6 +42,7 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=1)
             call_command("createcachetable", verbosity=0)  # the DB cache when REDIS_URL is unset
             catalog_sync()
+            provider_seed_from_env()
             starter = StartCommand(stdout=self.stdout, stderr=self.stderr)
             starter.ensure_admin()
         call_command("reap_replies", stdout=self.stdout)

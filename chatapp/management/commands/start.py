@@ -11,6 +11,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from chatapp.model_catalog import catalog_sync
+from chatapp.oidc import provider_seed_from_env
 
 
 class Command(BaseCommand):
@@ -26,6 +27,7 @@ class Command(BaseCommand):
         call_command("createcachetable", verbosity=0)  # the DB cache (when REDIS_URL is unset)
         call_command("collectstatic", interactive=False, verbosity=0)
         catalog_sync()
+        provider_seed_from_env()
         self.ensure_admin()
         if no_serve:
             return
