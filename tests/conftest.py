@@ -61,6 +61,32 @@ def _test_settings(settings, request, tmp_path):
     reset_catalog_cache()
 
 
+# Single sign-on: slug at the app -> client id at the test identity provider (tests/idp.py);
+# the last three get a doctored ID token there (wrong audience, expired, bad signature).
+OIDC_CLIENTS = {
+    "company": "kimichat",
+    "wrongaud": "kimichat-wrong-aud",
+    "expired": "kimichat-expired",
+    "badsig": "kimichat-bad-sig",
+}
+
+
+@pytest.fixture(scope="session")
+def idp():
+    """A real OpenID Connect provider (node + oidc-provider), started once when first needed."""
+    from tests.idp import IdentityProvider
+
+    server = IdentityProvider(
+        [
+            (client_id, [f"http://testserver/login/oidc/{slug}/callback/"])
+            for slug, client_id in OIDC_CLIENTS.items()
+        ],
+        post_logout=["http://testserver/login/"],
+    )
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def _upstream_server():
     server = FakeUpstream()

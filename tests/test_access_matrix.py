@@ -90,6 +90,21 @@ def _image(world: dict, *, sent: bool) -> int:
     return attachment.pk
 
 
+def _sso(world: dict) -> str:
+    """An identity provider at the real test provider; -> its slug."""
+    from chatapp.models import OIDCProvider
+    from tests.idp import SECRET
+
+    OIDCProvider.objects.create(
+        slug="company",
+        label="SSO",
+        issuer=world["idp"].issuer,
+        client_id="kimichat",
+        client_secret=SECRET,
+    )
+    return "company"
+
+
 def client_for(world: dict, role: str) -> Client:
     client = Client()
     user = world["users"][role]
@@ -108,6 +123,8 @@ class Case:
     data: Callable[[dict], dict] = field(default=lambda world: {})
     # The route this case covers (for the completeness check below).
     route: str = ""
+    # Fixtures the case needs, put into the world by name (e.g. the identity provider).
+    fixtures: tuple[str, ...] = ()
 
 
 def every(status, *, anonymous=LOGIN, deactivated=LOGIN) -> dict:
@@ -138,6 +155,26 @@ URL_CASES = {
         lambda w: "/login/",
         every((302, "/"), anonymous=200, deactivated=200),
         route="login/",
+    ),
+    "oidc-login": Case(
+        "get",
+        lambda w: f"/login/oidc/{_sso(w)}/",
+        every(
+            (302, "http://127.0.0.1:"),
+            anonymous=(302, "http://127.0.0.1:"),
+            deactivated=(302, "http://127.0.0.1:"),
+        ),
+        route="login/oidc/<slug:slug>/",
+        fixtures=("idp",),
+    ),
+    # A callback without the state this browser was given: refused for everyone, nobody logged
+    # in or out by it.
+    "oidc-callback": Case(
+        "get",
+        lambda w: f"/login/oidc/{_sso(w)}/callback/?code=stolen&state=forged",
+        every(400, anonymous=400, deactivated=400),
+        route="login/oidc/<slug:slug>/callback/",
+        fixtures=("idp",),
     ),
     "logout": Case("post", lambda w: "/logout/", every(LOGIN), route="logout/"),
     "set-password": Case(
@@ -293,8 +330,10 @@ URL_CASES = {
 @pytest.mark.django_db
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name", sorted(URL_CASES))
-def test_url_access(name, role, rf):
+def test_url_access(name, role, rf, request):
     world = build_world()
+    for fixture in URL_CASES[name].fixtures:
+        world[fixture] = request.getfixturevalue(fixture)
     newcomer = user_create(username="newcomer", password=None)  # has never logged in
     world["set_password_link"] = accounts.set_password_link(
         user=newcomer, request=rf.get("/")

@@ -17,31 +17,11 @@ from chatapp.models import (
     OIDCIdentity,
     OIDCProvider,
 )
+from tests.conftest import OIDC_CLIENTS as CLIENTS
 from tests.factories import team_create, user_create
-from tests.idp import SECRET, IdentityProvider, sign_in_with_http
-
-# slug at the app -> client id at the provider; the last three get a doctored ID token there.
-CLIENTS = {
-    "company": "kimichat",
-    "wrongaud": "kimichat-wrong-aud",
-    "expired": "kimichat-expired",
-    "badsig": "kimichat-bad-sig",
-}
+from tests.idp import SECRET, sign_in_with_http
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(scope="session")
-def idp():
-    server = IdentityProvider(
-        [
-            (client_id, [f"http://testserver/login/oidc/{slug}/callback/"])
-            for slug, client_id in CLIENTS.items()
-        ],
-        post_logout=["http://testserver/login/"],
-    )
-    yield server
-    server.stop()
 
 
 def provider_create(idp, slug="company", **extra) -> OIDCProvider:
@@ -69,11 +49,15 @@ def company(idp):
 
 
 def roles(user) -> dict[str, str]:
-    return {m.team.name: m.role for m in Membership.objects.filter(user=user).select_related("team")}
+    return {
+        m.team.name: m.role for m in Membership.objects.filter(user=user).select_related("team")
+    }
 
 
 def actions(**filters) -> list[str]:
-    return list(AuditEntry.objects.filter(**filters).order_by("id").values_list("action", flat=True))
+    return list(
+        AuditEntry.objects.filter(**filters).order_by("id").values_list("action", flat=True)
+    )
 
 
 def refusals() -> list[str]:
