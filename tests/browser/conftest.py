@@ -9,6 +9,7 @@ screenshot under test-artifacts/.
 Without /usr/bin/chromium the tests are skipped locally, but fail when CI is set.
 """
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -84,9 +85,11 @@ def _manage(env: dict, *args: str) -> None:
     )
 
 
-@pytest.fixture(scope="session")
-def app_server(_upstream_server, chromium_path):
-    """Base URL of a real daphne serving the app, its provider being the fake upstream."""
+@contextlib.contextmanager
+def running_app(extra_env: dict, *, port: int | None = None, setup: str = "", name="daphne"):
+    """Serve the app with daphne on `port` (free if None), on a fresh SQLite file and static
+    root, after `migrate`, `collectstatic` and the Python `setup` code (run by `manage.py
+    shell`). Yields the base URL; the server's log is copied to test-artifacts/<name>.log."""
     tmp = Path(tempfile.mkdtemp(prefix="kimichat-browser-"))
     env = {
         key: value
@@ -100,26 +103,17 @@ def app_server(_upstream_server, chromium_path):
         STATIC_ROOT=str(tmp / "static"),
         DEBUG="false",
         SECURE_HTTPS="false",
-        OPENAI_COMPAT_BASE_URL=_upstream_server.base_url,
-        OPENAI_COMPAT_API_KEY="test-key",
-        OPENAI_COMPAT_MODELS="fake-model",
-        UPSTREAM_MAX_RETRIES="0",
-        STREAM_CHECKPOINT_INTERVAL="0.2",
         PYTHONUNBUFFERED="1",
+        **extra_env,
     )
     SERVER_ENV.clear()
     SERVER_ENV.update(env)
     _manage(env, "migrate", "--noinput")
     _manage(env, "createcachetable")  # the database cache (no REDIS_URL here)
     _manage(env, "collectstatic", "--noinput")
-    make_users = (
-        "from django.contrib.auth import get_user_model\n"
-        "U = get_user_model()\n"
-        f"for i in range(1, {USERS + 1}):\n"
-        f"    U.objects.create_user(username=f'person{{i}}', password={PASSWORD!r})\n"
-    )
-    _manage(env, "shell", "-c", make_users)
-    port = _free_port()
+    if setup:
+        _manage(env, "shell", "-c", setup)
+    port = port or _free_port()
     log = open(tmp / "daphne.log", "wb")  # noqa: SIM115 (kept open for the server's life)
     server = subprocess.Popen(
         [
@@ -150,16 +144,38 @@ def app_server(_upstream_server, chromium_path):
             server.kill()
             pytest.fail("daphne did not start:\n" + (tmp / "daphne.log").read_text()[-3000:])
         time.sleep(0.3)
-    yield base_url
-    server.terminate()
     try:
-        server.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(tmp / "daphne.log", ARTIFACTS / "daphne.log")  # for reading after a failure
-    shutil.rmtree(tmp, ignore_errors=True)
+        yield base_url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(tmp / "daphne.log", ARTIFACTS / f"{name}.log")  # for reading after a failure
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def app_server(_upstream_server, chromium_path):
+    """Base URL of a real daphne serving the app, its provider being the fake upstream."""
+    make_users = (
+        "from django.contrib.auth import get_user_model\n"
+        "U = get_user_model()\n"
+        f"for i in range(1, {USERS + 1}):\n"
+        f"    U.objects.create_user(username=f'person{{i}}', password={PASSWORD!r})\n"
+    )
+    extra = {
+        "OPENAI_COMPAT_BASE_URL": _upstream_server.base_url,
+        "OPENAI_COMPAT_API_KEY": "test-key",
+        "OPENAI_COMPAT_MODELS": "fake-model",
+        "UPSTREAM_MAX_RETRIES": "0",
+        "STREAM_CHECKPOINT_INTERVAL": "0.2",
+    }
+    with running_app(extra, setup=make_users) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
