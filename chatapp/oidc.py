@@ -213,9 +213,13 @@ def _validated_claims(*, request, provider: OIDCProvider) -> tuple[dict, str]:
             status=400,
         ) from None
     except OAuthError as exc:
+        # E.g. the person cancelled at the provider: not a guess, so not counted. Only a short
+        # error code from the provider is shown, never its free text.
+        code = exc.error if re.fullmatch(r"[a-z_]{1,40}", exc.error or "") else "error"
         raise SignInRefused(
             "provider_refused",
-            f"{provider.label} did not complete the sign-in ({exc.error or 'error'}). " + ASK_ADMIN,
+            f"{provider.label} did not complete the sign-in ({code}). " + ASK_ADMIN,
+            counts=False,
         ) from None
     except BadSignatureError:
         raise SignInRefused(

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
 
-from chatapp import oidc
+from chatapp import accounts, oidc
 from chatapp.models import (
     AuditEntry,
     Membership,
@@ -224,7 +224,7 @@ def test_a_deactivated_account_cannot_sign_in_through_the_provider(idp, company)
     idp.account("heidi", email="heidi@example.com", groups=["eng"])
     sign_in_with_http(Client(), "company", login="heidi")
     user = get_user_model().objects.get(email="heidi@example.com")
-    get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+    accounts.user_deactivate(user=user)
     response, _ = sign_in_with_http(Client(), "company", login="heidi")
     assert_refused(response, 403, "deactivated")
     assert refusals() == ["deactivated"]
@@ -381,3 +381,18 @@ def test_staff_map_groups_in_the_admin_and_the_mapping_is_audited(idp, company, 
     entry = AuditEntry.objects.get(action="oidc.mapping_changed")
     before, after = entry.changes["group mappings"]
     assert "ops-leads → Operations (Team admin)" in after and len(after) == len(before) + 1
+
+
+def test_cancelling_at_the_provider_is_a_clear_page_and_not_counted(company, settings):
+    settings.LOGIN_MAX_FAILURES_PER_IP = 1
+    client = Client()
+    start = client.get("/login/oidc/company/")
+    state = parse_qs(urlsplit(start["Location"]).query)["state"][0]
+    response = client.get(
+        "/login/oidc/company/callback/",
+        {"error": "access_denied", "error_description": "<b>free text</b>", "state": state},
+    )
+    assert_refused(response, 403, "did not complete the sign-in (access_denied)")
+    assert "free text" not in response.content.decode()
+    assert refusals() == ["provider_refused"]
+    assert client.get("/login/oidc/company/").status_code == 302  # not locked out
