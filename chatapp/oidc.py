@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -90,12 +91,30 @@ def split_list(text: str) -> list[str]:
 
 
 def providers_for_login() -> list[OIDCProvider]:
+    ensure_env_provider()
     return list(OIDCProvider.objects.filter(enabled=True))
 
 
 def provider_get(slug: str) -> OIDCProvider:
     """The enabled provider with this slug (OIDCProvider.DoesNotExist otherwise)."""
+    ensure_env_provider()
     return OIDCProvider.objects.get(slug=slug, enabled=True)
+
+
+_seeded = False
+_seed_lock = threading.Lock()
+
+
+def ensure_env_provider() -> None:
+    """Seed from OIDC_* once per process on first use, so a plain `migrate` + server deploy
+    (without `manage.py start` / `prepare`, which seed at start) gets its button too."""
+    global _seeded
+    if _seeded:
+        return
+    with _seed_lock:
+        if not _seeded:
+            provider_seed_from_env()
+            _seeded = True
 
 
 @transaction.atomic

@@ -62,12 +62,14 @@ def _test_settings(settings, request, tmp_path):
 
 
 # Single sign-on: slug at the app -> client id at the test identity provider (tests/idp.py);
-# the last three get a doctored ID token there (wrong audience, expired, bad signature).
+# all but the first get a doctored ID token there (see tests/oidc_idp/server.mjs).
 OIDC_CLIENTS = {
     "company": "kimichat",
     "wrongaud": "kimichat-wrong-aud",
     "expired": "kimichat-expired",
     "badsig": "kimichat-bad-sig",
+    "badnonce": "kimichat-bad-nonce",
+    "wrongiss": "kimichat-wrong-iss",
 }
 
 

@@ -160,6 +160,8 @@ def assert_refused(response, status: int, text: str) -> None:
         ("wrongaud", "wrong_audience", "was not issued for this app"),
         ("expired", "expired_token", "has expired"),
         ("badsig", "bad_signature", "failed its signature check"),
+        ("badnonce", "invalid_token", "was not issued for this app (nonce)"),
+        ("wrongiss", "invalid_token", "was not issued for this app (iss)"),
     ],
 )
 def test_a_doctored_id_token_is_refused_with_a_clear_page(idp, slug, reason, text):
@@ -322,15 +324,21 @@ def test_the_break_glass_name_must_be_a_staff_account(settings):
     assert response.status_code == 200 and "turned off" in response.content.decode()
 
 
-def test_the_first_provider_comes_from_the_environment(idp, settings):
+def test_the_first_provider_comes_from_the_environment(idp, settings, monkeypatch):
     settings.OIDC_ISSUER = idp.issuer
     settings.OIDC_CLIENT_ID = "kimichat"
     settings.OIDC_CLIENT_SECRET = SECRET
     settings.OIDC_LABEL = "Acme Okta"
     settings.OIDC_ALLOWED_DOMAINS = "acme.test"
-    provider = oidc.provider_seed_from_env()
-    assert provider.managed_by_env and provider.slug == "sso" and provider.client_secret == SECRET
+    # A plain `migrate` + server deploy: seeded on the first use in the process.
+    monkeypatch.setattr(oidc, "_seeded", False)
     assert "Sign in with Acme Okta" in Client().get("/login/").content.decode()
+    provider = OIDCProvider.objects.get(managed_by_env=True)
+    assert provider.slug == "sso" and provider.client_secret == SECRET
+    assert provider.allowed_domains == "acme.test"
+    settings.OIDC_LABEL = "Acme Entra"
+    assert oidc.provider_seed_from_env().pk == provider.pk  # `start` / `prepare` re-seed it
+    assert "Sign in with Acme Entra" in Client().get("/login/").content.decode()
     settings.OIDC_ISSUER = ""
     oidc.provider_seed_from_env()
     assert not OIDCProvider.objects.get(pk=provider.pk).enabled

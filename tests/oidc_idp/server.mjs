@@ -10,8 +10,9 @@
 // - PKCE is required for every client, so the relying party must send it.
 // - Misbehaving token endpoint, per client id, for the refusal tests: the ID token of
 //   `*-wrong-aud` is re-signed (with the provider's real key) for another audience, that of
-//   `*-expired` with an `exp` ten minutes ago, that of `*-bad-sig` with another key under the
-//   same key id. Everything else is the package's own behaviour.
+//   `*-expired` with an `exp` ten minutes ago, `*-bad-nonce` with another nonce, `*-wrong-iss`
+//   with another issuer, and that of `*-bad-sig` with another key under the same key id.
+//   Everything else is the package's own behaviour.
 // Prints "listening <issuer>" once it serves.
 
 import { readFileSync } from 'node:fs';
@@ -91,6 +92,10 @@ async function tamper(idToken, clientId) {
     claims.exp = Math.floor(Date.now() / 1000) - 600;
   } else if (clientId.endsWith('-bad-sig')) {
     key = strangerKey;
+  } else if (clientId.endsWith('-bad-nonce')) {
+    claims.nonce = 'a-nonce-from-another-sign-in';
+  } else if (clientId.endsWith('-wrong-iss')) {
+    claims.iss = 'https://impostor.example';
   } else {
     return idToken;
   }
