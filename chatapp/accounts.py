@@ -4,6 +4,9 @@
   (shared by every process: Redis or the database). Past the limit the account (or IP) is locked
   for LOGIN_LOCK_SECONDS; the lock expires by itself. A locked account is refused before the
   password is checked. The IP is audit.client_ip (REMOTE_ADDR as trusted per the proxy setting).
+  Single sign-on refusals (oidc.py) count the same way, through login_failed_record.
+- PASSWORD_LOGIN=false refuses passwords to everyone but BREAK_GLASS_USERNAME (a staff account),
+  on the app's and the admin's log-in pages alike.
 - Every log-in (success, failure, lock), set-password link and deactivation is written to the
   audit log (audit.py), in the same transaction as the change.
 - There is no sign-up: staff create a user without a password and hand over a one-time
