@@ -69,7 +69,10 @@ async def serve(upstream: str) -> None:
     relay = Relay(upstream)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: ServerProtocol(relay.on_text), "127.0.0.1", 0, backlog=4096
+        lambda: ServerProtocol(relay.on_text, '{"type":"state","reply":null}'),
+        "127.0.0.1",
+        0,
+        backlog=4096,
     )
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:

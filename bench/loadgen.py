@@ -1,10 +1,12 @@
-"""The load generator: C websockets opened as the page opens them, one send on each at once.
+"""The load generator: C people chatting at once, each as the page does it.
 
-`python -m bench.loadgen PLAN.json` (its own process). The plan names the servers, the
-conversations, the session cookie and Origin, and the expected token count. Protocol with the
-orchestrator over stdin/stdout: after every socket is open it prints `{"ready": ...}` and waits
-for a line on stdin; then it sends on every socket in one go, waits (bounded) for every reply's
-end and prints the result as one JSON line; it closes the sockets after one more stdin line.
+`python -m bench.loadgen PLAN.json` (its own process). The plan names the servers, the users'
+session cookies (with a CSRF secret) and Origin, and the expected token count. Protocol with the
+orchestrator over stdin/stdout: it prints `{"ready": C}` and waits for a line on stdin; then
+every user at once goes through a whole chat: create the conversation over HTTP (the app's
+`POST /api/conversations/`; the relays have none), open the websocket (time to accept, time to
+the first frame), send a message, wait for its end, send the second. It prints the result as one
+JSON line and closes the sockets after one more stdin line.
 
 Per token it records receive time minus the upstream's write time; per reply: time to first
 token over the upstream's own, tokens lost, duplicated and out of order, seq gaps, frames.
@@ -114,84 +116,117 @@ def summary(values: list[float]) -> dict:
     }
 
 
-async def run(plan: dict) -> None:
-    loop = asyncio.get_running_loop()
-    tokens = plan["tokens"]
-    latencies: list[float] = []
-    cookies = plan["cookies"]
-    targets = plan["targets"]
-    replies: list[Reply] = []
-    sockets: list[ws.ClientProtocol | None] = []
-    gate = asyncio.Semaphore(plan.get("open_concurrency", 50))
-    failures: list[str] = []
+class User:
+    """One person's chat: create the conversation, open the socket, send `messages` messages
+    back to back (each after the previous reply ended)."""
 
-    async def open_one(i: int, conversation_id: int) -> None:
+    def __init__(self, index: int, plan: dict, latencies: list[float]) -> None:
+        self.index = index
+        self.plan = plan
+        self.latencies = latencies
+        self.replies: list[Reply] = []
+        self.current: Reply | None = None
+        self.socket: ws.ClientProtocol | None = None
+        self.create_s: float | None = None
+        self.accept_s: float | None = None
+        self.state_s: float | None = None
+        self.first_frame = asyncio.get_running_loop().create_future()
+        self.failure = ""
+
+    def on_text(self, text: str) -> None:
+        if not self.first_frame.done():
+            self.first_frame.set_result(time.monotonic())
+        if self.current is not None:
+            self.current.on_text(text)
+
+    async def run(self, http, gate: asyncio.Semaphore) -> None:
+        plan, i = self.plan, self.index
+        cookie = plan["cookies"][i]
+        host, port = plan["targets"][i % len(plan["targets"])]
         headers = {"Origin": plan["origin"]}
-        if cookies[i]:
-            headers["Cookie"] = cookies[i]
-        host, port = targets[i % len(targets)]
-        reply = Reply(tokens, latencies)
-        replies.append(reply)
-        async with gate:
-            try:
-                sockets.append(
-                    await asyncio.wait_for(
-                        ws.connect(
-                            host,
-                            port,
-                            plan["path"].format(id=conversation_id),
-                            reply.on_text,
-                            headers=headers,
-                        ),
-                        30,
+        if cookie:
+            headers["Cookie"] = cookie
+        try:
+            async with gate:
+                conversation_id = plan["conversations"][i]
+                if plan.get("create_path"):
+                    started = time.monotonic()
+                    csrf = cookie.rsplit("csrftoken=", 1)[1].split(";")[0]
+                    response = await http.post(
+                        f"http://{host}:{port}{plan['create_path']}",
+                        headers={**headers, "X-CSRFToken": csrf},
                     )
+                    response.raise_for_status()
+                    conversation_id = response.json()["id"]
+                    self.create_s = time.monotonic() - started
+                started = time.monotonic()
+                self.socket = await asyncio.wait_for(
+                    ws.connect(
+                        host,
+                        port,
+                        plan["path"].format(id=conversation_id),
+                        self.on_text,
+                        headers=headers,
+                    ),
+                    60,
                 )
-            except (OSError, TimeoutError) as exc:
-                failures.append(repr(exc))
-                sockets.append(None)
+                self.accept_s = time.monotonic() - started
+                self.state_s = await asyncio.wait_for(self.first_frame, 60) - started
+        except Exception as exc:
+            self.failure = repr(exc)[:200]
+            return
+        for _ in range(plan["messages"]):
+            reply = Reply(plan["tokens"], self.latencies)
+            self.replies.append(reply)
+            self.current = reply
+            reply.counting = True
+            reply.sent_at = time.monotonic()
+            self.socket.send_text(json.dumps({"type": "send", "text": "Benchmark: please stream."}))
+            try:
+                await asyncio.wait_for(reply.done, plan["reply_timeout"])
+            except TimeoutError:
+                self.failure = "reply timed out"
+                return
 
-    opened_at = time.monotonic()
-    async with asyncio.timeout(plan["open_timeout"]):
-        await asyncio.gather(*(open_one(i, c) for i, c in enumerate(plan["conversations"])))
-    # Let the connect-time state frames arrive before counting.
-    await asyncio.sleep(0.5)
-    print(
-        json.dumps(
-            {
-                "ready": sum(s is not None for s in sockets),
-                "failed": failures[:5],
-                "open_s": time.monotonic() - opened_at,
-            }
-        ),
-        flush=True,
-    )
+
+async def run(plan: dict) -> None:
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    users = [User(i, plan, latencies) for i in range(len(plan["conversations"]))]
+    print(json.dumps({"ready": len(users)}), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
 
     started = time.monotonic()
-    for sock, reply in zip(sockets, replies, strict=True):
-        if sock is None:
-            continue
-        reply.counting = True
-        reply.sent_at = time.monotonic()
-        sock.send_text(json.dumps({"type": "send", "text": "Benchmark: please stream."}))
-    live = [r.done for s, r in zip(sockets, replies, strict=True) if s is not None]
-    timed_out = False
-    if live:
-        _, pending = await asyncio.wait(live, timeout=plan["reply_timeout"])
-        timed_out = bool(pending)
+    gate = asyncio.Semaphore(plan.get("open_concurrency", 100))
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(*(user.run(http, gate) for user in users))
     elapsed = time.monotonic() - started
 
+    replies = [r for u in users for r in u.replies]
+    expected = plan["tokens"] * plan["messages"] * len(users)
     received = sum(len(r.seen) for r in replies)
     ttfts = [r.ttft_over for r in replies if r.ttft_over is not None]
+    ended = [u for u in users if not u.failure and all(r.done.done() for r in u.replies)]
+    failures = [u.failure for u in users if u.failure]
     result = {
-        "connections": len(replies),
-        "open": sum(s is not None for s in sockets),
-        "connect_failures": len(failures),
-        "timed_out": timed_out,
+        "connections": len(users),
+        "open": sum(u.socket is not None for u in users),
+        "connect_failures": sum(u.socket is None for u in users),
+        "chats_ok": sum(
+            1
+            for u in ended
+            if len(u.replies) == plan["messages"] and not any(r.error for r in u.replies)
+        ),
+        "failures": sorted(set(failures))[:5],
+        "timed_out": any(f == "reply timed out" for f in failures),
         "elapsed_s": elapsed,
-        "tokens_expected": tokens * len(replies),
+        "sends": len(replies),
+        "tokens_expected": expected,
         "tokens_received": received,
-        "tokens_lost": tokens * len(replies) - received,
+        "tokens_lost": expected - received,
         "tokens_duplicated": sum(r.duplicated for r in replies),
         "tokens_out_of_order": sum(r.out_of_order for r in replies),
         "seq_errors": sum(r.seq_errors for r in replies),
@@ -204,19 +239,22 @@ async def run(plan: dict) -> None:
                 "deltas": r.deltas,
             }
             for r in replies
-            if len(r.seen) != tokens
+            if len(r.seen) != plan["tokens"]
         ][:5],
         "replies_ended": sum(r.done.done() and not r.error for r in replies),
         "frames_per_reply": sum(r.frames for r in replies) / max(1, len(replies)),
         "deltas_per_reply": sum(r.deltas for r in replies) / max(1, len(replies)),
         "latency_ms": summary(latencies),
         "ttft_over_ms": summary(ttfts),
+        "accept_ms": summary([u.accept_s for u in users if u.accept_s is not None]),
+        "state_ms": summary([u.state_s for u in users if u.state_s is not None]),
+        "create_ms": summary([u.create_s for u in users if u.create_s is not None]),
     }
     print(json.dumps(result), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
-    for sock in sockets:
-        if sock is not None:
-            sock.close()
+    for user in users:
+        if user.socket is not None:
+            user.socket.close()
     await asyncio.sleep(0.2)
 
 

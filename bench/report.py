@@ -1,6 +1,7 @@
 """Turn a benchmark run into files: one JSON per shape, a Markdown table and a PNG plot.
 
-Every app figure stands beside the baseline's from the same run and level, with the ratio.
+Every figure stands beside the floor's (a bare aiohttp relay) from the same run and level, with
+the ratio; the httpx baseline relay is shown as its own row.
 """
 
 import json
@@ -19,10 +20,12 @@ def _f(value, digits=1, unit="") -> str:
 def round_line(r: dict) -> str:
     lat = r["latency_ms"]
     return (
-        f"{r['shape']:>10} C={r['concurrency']:<5} lost={r['tokens_lost']} dup={r['tokens_duplicated']} "
-        f"ooo={r['tokens_out_of_order']} p50={_f(lat['p50'])} p99={_f(lat['p99'])} max={_f(lat['max'])} ms "
+        f"{r['shape']:>11} C={r['concurrency']:<5} ok={_f(r.get('chats_ok_pct'), 0)}% "
+        f"lost={r['tokens_lost']} dup={r['tokens_duplicated']} ooo={r['tokens_out_of_order']} "
+        f"p50={_f(lat['p50'])} p99={_f(lat['p99'])} max={_f(lat['max'])} ms "
+        f"accept p99={_f(r.get('accept_ms', {}).get('p99'))} ms "
         f"cpu/1k={_f(r['cpu_per_1k_tokens'], 3)} s frames/reply={_f(r['frames_per_reply'])} "
-        f"writes/reply={_f(r['db_writes_per_reply'])} stmts/reply={_f(r['db_statements_per_reply'])}"
+        f"stmts/send={_f(r['db_statements_per_reply'])}"
     )
 
 
@@ -32,42 +35,56 @@ def _ratio(a, b, digits=2) -> str:
     return f"{a / b:.{digits}f}×"
 
 
+REFERENCE = "floor"  # every figure is set against the bare aiohttp relay of the same run
+
+
 def table(results: dict) -> str:
-    rounds = results["rounds"]
-    base = {r["concurrency"]: r for r in rounds if r["shape"] == "baseline"}
+    rounds = [r for r in results["rounds"] if not r.get("profiled")]
+    by = {(r["shape"], r["concurrency"]): r for r in rounds}
     p = results["params"]
     lines = [
         f"Run {results['date']} on {results['machine']['cpus']} CPUs "
         f"(load average {results['machine']['load_avg_start'][0]:.1f} at start); "
-        f"R = {p['rate']:g} tokens/s per stream, T = {p['tokens']} tokens, upstream TTFT {p['ttft']:g} s"
+        f"R = {p['rate']:g} tokens/s per stream, T = {p['tokens']} tokens, upstream TTFT {p['ttft']:g} s, "
+        f"{p.get('messages', 1)} messages per user (create the conversation, open the socket, "
+        "send, wait for the end, send again)"
         + (f"; app environment {' '.join(p['app_env'])}" if p.get("app_env") else "")
-        + ".",
+        + ". Ratios are to the floor (a bare aiohttp relay) at the same C in the same run.",
         "",
-        "| C | shape | lost / dup / out of order | added latency p50 / p95 / p99 / max (ms) | p99 vs baseline | TTFT over upstream p50 / p99 (ms) | CPU s per 1k tokens | vs baseline | peak RSS (MB) | RSS per socket (KB) | frames per reply | DB writes / statements per reply | upstream + load generator CPU s (load avg) |",
-        "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| C | shape | chats ok | lost / dup / out of order | + TTFT p50 / p99 (ms) | token latency p50 / p99 (ms) | p99 vs floor | CPU s per 1k tokens | vs floor | socket accept p50 / p99 (ms) | first frame p99 (ms) | peak RSS (MB) | frames per reply | DB statements per send | harness CPU s (load avg) |",
+        "| ---: | --- | ---: | --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in sorted(rounds, key=lambda r: (r["concurrency"], r["shape"] != "baseline", r["shape"])):
+    order = {
+        name: i
+        for i, name in enumerate(("floor", "baseline", "embedded", "production1", "production"))
+    }
+    for r in sorted(rounds, key=lambda r: (r["concurrency"], order.get(r["shape"], 9))):
         lat, ttft = r["latency_ms"], r["ttft_over_ms"]
-        b = base.get(r["concurrency"])
-        if r["shape"] == "baseline" or b is None:
+        ref = by.get((REFERENCE, r["concurrency"]))
+        if r["shape"] == REFERENCE or ref is None:
             vs_p99 = vs_cpu = "–"
         else:
-            diff = (lat["p99"] or 0) - (b["latency_ms"]["p99"] or 0)
-            vs_p99 = f"{diff:+.1f} ms ({_ratio(lat['p99'], b['latency_ms']['p99'], 1)})"
-            vs_cpu = _ratio(r["cpu_per_1k_tokens"], b["cpu_per_1k_tokens"])
-        db = (
-            "–"
-            if r["shape"] == "baseline"
-            else f"{r['db_writes_per_reply']:.1f} / {r['db_statements_per_reply']:.1f}"
-        )
+            diff = (lat["p99"] or 0) - (ref["latency_ms"]["p99"] or 0)
+            vs_p99 = f"{diff:+.1f} ms ({_ratio(lat['p99'], ref['latency_ms']['p99'], 1)})"
+            vs_cpu = _ratio(r["cpu_per_1k_tokens"], ref["cpu_per_1k_tokens"])
+        accept = r.get("accept_ms") or {}
+        first = r.get("state_ms") or {}
+        db = "–" if r["shape"] in ("floor", "baseline") else _f(r["db_statements_per_reply"])
         lines.append(
-            f"| {r['concurrency']} | {r['shape']} | {r['tokens_lost']} / {r['tokens_duplicated']} / "
-            f"{r['tokens_out_of_order']} | {_f(lat['p50'])} / {_f(lat['p95'])} / {_f(lat['p99'])} / "
-            f"{_f(lat['max'])} | {vs_p99} | {_f(ttft['p50'])} / {_f(ttft['p99'])} | "
-            f"{_f(r['cpu_per_1k_tokens'], 3)} | {vs_cpu} | {_f(r['peak_rss_mb'])} | "
-            f"{_f(r['rss_per_socket_kb'])} | {_f(r['frames_per_reply'])} | {db} | "
+            f"| {r['concurrency']} | {r['shape']} | {_f(r.get('chats_ok_pct'), 0)} % | "
+            f"{r['tokens_lost']} / {r['tokens_duplicated']} / {r['tokens_out_of_order']} | "
+            f"{_f(ttft['p50'])} / {_f(ttft['p99'])} | {_f(lat['p50'])} / {_f(lat['p99'])} | "
+            f"{vs_p99} | {_f(r['cpu_per_1k_tokens'], 3)} | {vs_cpu} | "
+            f"{_f(accept.get('p50'))} / {_f(accept.get('p99'))} | {_f(first.get('p99'))} | "
+            f"{_f(r['peak_rss_mb'])} | {_f(r['frames_per_reply'])} | {db} | "
             f"{_f(r.get('harness_cpu_s'))} ({_f(r.get('load_avg'))}) |"
         )
+    if results.get("flame_graph"):
+        lines += [
+            "",
+            f"Flame graph of the embedded shape at C={p.get('profile_level')}: "
+            f"`bench/results/{results['flame_graph']}` (py-spy, a separate round not in the table).",
+        ]
     errors = [f"{r['shape']} C={r['concurrency']}: {r['errors']}" for r in rounds if r["errors"]]
     if errors:
         lines += ["", "Errors seen by clients: " + "; ".join(errors)]

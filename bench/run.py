@@ -29,7 +29,8 @@ from bench.util import cpu_seconds, memory_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-SHAPES = ("baseline", "embedded", "production")
+SHAPES = ("floor", "baseline", "embedded", "production1", "production")
+RELAYS = ("floor", "baseline")  # no Django: no conversations to create, no database
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Shape:
 
     def take(self, n: int) -> tuple[list[int], list[str]]:
         """-> (conversation ids, session cookies) for the next n sockets."""
-        if self.name == "baseline":
+        if self.name in RELAYS:
             return list(range(1, n + 1)), [""] * n
         start, self.next_conversation = self.next_conversation, self.next_conversation + n
         return (
@@ -180,8 +181,11 @@ def run_round(
     workdir: Path,
     label: str,
     upstream_pid: int,
+    *,
+    lifecycle: bool = True,
 ) -> dict:
-    """One load round: open, measure idle, send at once, measure, close."""
+    """One load round: every user at once creates a conversation, opens its socket and sends
+    its messages back to back (lifecycle=False: one send on an existing conversation)."""
     conversations, cookies = sockets
     plan = {
         "targets": [["127.0.0.1", p] for p in shape.ports],
@@ -190,7 +194,8 @@ def run_round(
         "cookies": cookies,
         "origin": f"http://127.0.0.1:{shape.ports[0]}",
         "tokens": args.tokens,
-        "open_timeout": 60 + 0.2 * len(conversations),
+        "messages": args.messages if lifecycle else 1,
+        "create_path": None if shape.name in RELAYS or not lifecycle else "/api/conversations/",
         "reply_timeout": args.ttft + args.tokens / args.rate + 60 + 0.05 * len(conversations),
     }
     plan_path = workdir / f"plan-{shape.name}-{label}.json"
@@ -227,7 +232,7 @@ def run_round(
     if not line:
         raise RuntimeError(f"{shape.name} {label}: the load generator failed (see loadgen.log)")
     result = json.loads(line)
-    replies = max(1, len(conversations))
+    replies = max(1, result["sends"])
     relayed = result["tokens_received"]
     cpu = cpu_after - cpu_before
     sockets = max(1, ready.get("ready", 0))
@@ -247,9 +252,40 @@ def run_round(
             "db_writes_per_reply": (counts_after["writes"] - counts_before["writes"]) / replies,
             "db_statements_per_reply": (counts_after["statements"] - counts_before["statements"])
             / replies,
+            "chats_ok_pct": 100.0 * result["chats_ok"] / max(1, len(conversations)),
         }
     )
     return result
+
+
+def profile_round(
+    shape: Shape, args, workdir: Path, upstream_pid: int, out: Path, date: str
+) -> str | None:
+    """One more embedded round at --profile-level under py-spy (not part of the table): a
+    flame graph saved beside the results, so the next person starts from a picture."""
+    spy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
+    if not Path(spy).exists():
+        log("py-spy not installed (pip install -e '.[bench]'): no flame graph")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    svg = out / f"{date[:10]}-embedded-c{args.profile_level}-flame.svg"
+    log(f"profiling embedded C={args.profile_level} into {svg} ...")
+    with open(workdir / "py-spy.log", "ab") as err:
+        spy_proc = subprocess.Popen(
+            [spy, "record", "--pid", str(shape.pids[0]), "--output", str(svg), "--rate", "100"],
+            stdout=err,
+            stderr=err,
+        )
+    try:
+        time.sleep(1.0)  # attached before the load starts
+        run_round(shape, shape.take(args.profile_level), args, workdir, "profile", upstream_pid)
+    finally:
+        spy_proc.send_signal(signal.SIGINT)  # py-spy writes the SVG when interrupted
+        try:
+            spy_proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+    return svg.name if svg.exists() else None
 
 
 def history_probe(shape: Shape, args, workdir: Path, upstream_pid: int) -> dict:
@@ -257,7 +293,7 @@ def history_probe(shape: Shape, args, workdir: Path, upstream_pid: int) -> dict:
     out = {}
     for key in ("probe_small", "probe_large"):
         sockets = ([shape.seed[key]], [shape.seed[f"{key}_cookie"]])
-        result = run_round(shape, sockets, args, workdir, key, upstream_pid)
+        result = run_round(shape, sockets, args, workdir, key, upstream_pid, lifecycle=False)
         out[key] = {
             "statements": result["db_statements_per_reply"],
             "writes": result["db_writes_per_reply"],
@@ -273,6 +309,13 @@ def parse_args(argv):
     parser.add_argument("--levels", default="1,50,200,500,1000", help="concurrency levels")
     parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream")
     parser.add_argument("--tokens", type=int, default=500, help="tokens per reply")
+    parser.add_argument("--messages", type=int, default=2, help="messages each user sends")
+    parser.add_argument(
+        "--profile-level",
+        type=int,
+        default=200,
+        help="after the sweep, one more embedded round at this C under py-spy (0: none)",
+    )
     parser.add_argument("--ttft", type=float, default=0.3, help="upstream time to first token (s)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--no-images", action="store_true")
@@ -328,6 +371,8 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
         "params": {
             "levels": levels,
+            "messages": args.messages,
+            "profile_level": args.profile_level,
             "rate": args.rate,
             "tokens": args.tokens,
             "ttft": args.ttft,
@@ -362,39 +407,46 @@ def main(argv=None) -> dict:
             "STATIC_ROOT": str(workdir / "static"),
             **dict(item.split("=", 1) for item in args.app_env),
         }
-        total = sum(levels)
-        if "baseline" in wanted:
-            shape = Shape("baseline")
+        total = sum(levels) + (args.profile_level or 0)
+        for relay in RELAYS:
+            if relay not in wanted:
+                continue
+            shape = Shape(relay)
             proc, port = start_printing_port(
-                [PY, "-m", "bench.baseline", "--upstream", up_url],
+                [PY, "-m", f"bench.{relay}", "--upstream", up_url],
                 base_env,
-                workdir / "baseline.log",
+                workdir / f"{relay}.log",
             )
             shape.procs.append(proc)
             shape.ports.append(port)
-            shapes["baseline"] = shape
+            shapes[relay] = shape
         if "embedded" in wanted:
             shape = Shape("embedded")
             env = {**app_env, "DATA_DIR": str(workdir / "embedded")}
             start_app(shape, processes=1, env=env, workdir=workdir, total=total)
             shapes["embedded"] = shape
-        if "production" in wanted:
-            shape = Shape("production")
+        for name, processes in (("production1", 1), ("production", 2)):
+            if name not in wanted:
+                continue
+            # Each production shape has its own database and channel-layer prefix.
+            database_url = args.database_url + ("_1" if processes == 1 else "")
+            shape = Shape(name)
             env = {
                 **app_env,
-                "DATA_DIR": str(workdir / "production"),
-                "DATABASE_URL": args.database_url,
+                "DATA_DIR": str(workdir / name),
+                "DATABASE_URL": database_url,
                 "REDIS_URL": args.redis_url,
+                "CHANNEL_LAYER_PREFIX": f"bench{processes}",
             }
             try:
-                prepare_postgres(args.database_url)
+                prepare_postgres(database_url)
                 prepare_redis(args.redis_url)
             except Exception as exc:
-                results["notes"].append(f"production shape skipped: {exc!r}")
-                log("production shape skipped:", exc)
+                results["notes"].append(f"{name} shape skipped: {exc!r}")
+                log(f"{name} shape skipped:", exc)
             else:
-                start_app(shape, processes=2, env=env, workdir=workdir, total=total)
-                shapes["production"] = shape
+                start_app(shape, processes=processes, env=env, workdir=workdir, total=total)
+                shapes[name] = shape
         for shape in shapes.values():
             procs.extend(shape.procs)
 
@@ -413,11 +465,15 @@ def main(argv=None) -> dict:
                     shape.active = False
                     log(f"{shape.name}: stopping after C={level}")
 
+        if args.profile_level and "embedded" in shapes:
+            results["flame_graph"] = profile_round(
+                shapes["embedded"], args, workdir, upstream.pid, Path(args.out), results["date"]
+            )
         if not args.no_probe:
             results["history_probe"] = {
                 name: history_probe(shape, args, workdir, upstream.pid)
                 for name, shape in shapes.items()
-                if name != "baseline"
+                if name not in RELAYS
             }
         if not args.no_page and "embedded" in shapes:
             shape = shapes["embedded"]

@@ -179,8 +179,11 @@ async def connect(
 class ServerProtocol(asyncio.Protocol):
     """A websocket server connection: `handler(conn, text)` is called for every text message."""
 
-    def __init__(self, handler: Callable[["ServerProtocol", str], None]) -> None:
+    def __init__(
+        self, handler: Callable[["ServerProtocol", str], None], greeting: str = ""
+    ) -> None:
         self.handler = handler
+        self.greeting = greeting  # a text frame sent as soon as the socket is open
         self.reader = FrameReader()
         self._head = b""
         self.open = False
@@ -205,6 +208,8 @@ class ServerProtocol(asyncio.Protocol):
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
             )
             self.open = True
+            if self.greeting:
+                self.send_text(self.greeting)
             data = self._head[end + 4 :]
             if not data:
                 return

@@ -44,6 +44,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.attached = {}
+        # Accept at once: under load the join below waits on the channel layer, and a browser
+        # (or proxy) gives up on a handshake that takes seconds. Nothing is missed meanwhile:
+        # the state is read after the join, so it holds every delta sent before it.
+        await self.accept()
         # Join before reading the state: every delta after the snapshot then reaches us (deltas
         # that arrive meanwhile wait in our channel until send_state returns). The user's group
         # lets losing access close every socket.
@@ -52,11 +56,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 socket=self, conversation_id=self.conversation.pk, user_id=user.pk
             )
         except Exception as exc:  # the channel layer is down: the page tries again shortly
-            log.warning("socket refused, channel layer unavailable: %r", exc)
+            log.warning("socket closed, channel layer unavailable: %r", exc)
             self.conversation = None
             await self.close(code=CLOSE_TRY_AGAIN)
             return
-        await self.accept()
         await self.send_state()
 
     async def disconnect(self, code: int) -> None:

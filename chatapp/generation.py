@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from . import checkpoints, context_window, events, model_catalog, reaper, teams
+from . import checkpoints, context_window, events, loadmeter, model_catalog, reaper, teams
 from .conversations import history_for_request, turn_edit, turn_regenerate, turn_start
 from .errors import ClientError
 from .models import Conversation, Message
@@ -235,8 +235,10 @@ class Generation:
     # ---- broadcasting ------------------------------------------------------------------------
 
     async def _flusher(self) -> None:
-        """One frame per slice: the first delta after a quiet spell goes out at once."""
-        interval = settings.STREAM_FLUSH_INTERVAL
+        """Coalesce by load, not by clock: a frame goes out as soon as the loop is free, and
+        tokens that arrive while it is being sent are merged into the next one. When the loop
+        runs late (many streams) the pause between frames grows with its lag, up to
+        STREAM_FLUSH_INTERVAL, so a busy process sends fewer, fuller frames."""
         while True:
             await self._has_pending.wait()
             self._has_pending.clear()
@@ -247,7 +249,7 @@ class Generation:
             if done:
                 return
             if not self._streaming_done:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(loadmeter.coalesce_window())
 
     def _commit_pending(self) -> dict | None:
         """Give the waiting text the next seq: from here on it counts as sent, and the state
