@@ -4,14 +4,18 @@ channels.layers.InMemoryChannelLayer scans every channel and every group members
 entries on each receive and each group_send, and starts a task per recipient of a group send.
 With a few hundred sockets streaming, that sweep was the process's largest single cost (py-spy,
 200 streams: 22 % of samples in _clean_expired). This layer sweeps at most once per second and
-sends to a group's members directly; capacity, expiry and group expiry behave as before.
+sends to a group's members directly, without Channels' deepcopy per member for flat messages of
+strings and numbers; capacity, expiry and group expiry behave as before.
 """
 
+import asyncio
 import contextlib
 import time
 
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
+
+_IMMUTABLE = (str, int, float, bool, type(None))
 
 
 class LocalInMemoryChannelLayer(InMemoryChannelLayer):
@@ -31,7 +35,19 @@ class LocalInMemoryChannelLayer(InMemoryChannelLayer):
         assert isinstance(message, dict), "Message is not a dict"
         self.require_valid_group_name(group)
         self._clean_expired()
-        for channel in list(self.groups.get(group, ())):
-            # As in Channels, a full channel drops the message; send never suspends.
-            with contextlib.suppress(ChannelFull):
-                await self.send(channel, message)
+        members = list(self.groups.get(group, ()))
+        if not all(isinstance(v, _IMMUTABLE) for v in message.values()):
+            for channel in members:
+                # As in Channels, a full channel drops the message; send never suspends.
+                with contextlib.suppress(ChannelFull):
+                    await self.send(channel, message)
+            return
+        # A flat message of strings and numbers (every streamed frame): a shallow copy per
+        # member is as safe as Channels' deepcopy, at a fraction of its cost per token.
+        expires = time.time() + self.expiry
+        for channel in members:
+            queue = self.channels.get(channel)
+            if queue is None:
+                queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait((expires, dict(message)))
