@@ -42,12 +42,12 @@ here, so a consumer forwards text without re-encoding it per token.
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
 import weakref
 
+import orjson
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -79,7 +79,9 @@ def user_group(user_id: int) -> str:
 
 
 def encode(frame: dict) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    """Compact UTF-8 JSON, once per frame for every socket (orjson: a tenth of the stdlib's
+    cost, and this runs per streamed frame)."""
+    return orjson.dumps(frame).decode()
 
 
 def frame_state(*, reply: dict | None, context: dict, last=None) -> dict:

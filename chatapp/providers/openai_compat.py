@@ -19,6 +19,7 @@ import re
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 
 from . import errors
 from .base import ChatRequest, ProviderClient, ProviderError, StreamItem, Usage
@@ -131,7 +132,7 @@ class StreamParser:
     def event(self, data: str) -> StreamItem | None:
         """One `data:` payload -> a StreamItem, None for events that carry nothing we use."""
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)  # once per streamed chunk: ~2x the stdlib's speed
         except ValueError:
             log.warning("ignoring a non-JSON SSE event: %.200s", data)
             return None
