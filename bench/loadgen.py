@@ -143,7 +143,8 @@ class User:
         plan, i = self.plan, self.index
         cookie = plan["cookies"][i]
         host, port = plan["targets"][i % len(plan["targets"])]
-        headers = {"Origin": plan["origin"]}
+        # The page's origin is the server it was loaded from (behind a proxy: the one origin).
+        headers = {"Origin": f"http://{host}:{port}"}
         if cookie:
             headers["Cookie"] = cookie
         try:

@@ -192,7 +192,6 @@ def run_round(
         "path": "/ws/conversations/{id}/",
         "conversations": conversations,
         "cookies": cookies,
-        "origin": f"http://127.0.0.1:{shape.ports[0]}",
         "tokens": args.tokens,
         "messages": args.messages if lifecycle else 1,
         "create_path": None if shape.name in RELAYS or not lifecycle else "/api/conversations/",
