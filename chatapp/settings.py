@@ -184,7 +184,7 @@ if REDIS_URL:
     # is published) is closed by events.socket_join's round trip.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "chatapp.events.redis_layer.RedisLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNEL_LAYER_PREFIX},
         }
     }
