@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 FILENAME_MAX = 150
+NOTE_MAX = 600
 
 
 # ---- storage -----------------------------------------------------------------------------------
@@ -107,8 +108,19 @@ def clean_filename(name: str | None) -> str:
     return name or "image"
 
 
+def clean_note(note: str | None) -> str:
+    """The editor's description of its mark-up: one line of printable text, bounded."""
+    note = " ".join("".join(ch if ch.isprintable() else " " for ch in (note or "")).split())
+    return note if len(note) <= NOTE_MAX else note[: NOTE_MAX - 1] + "…"
+
+
 def attachment_create(
-    *, owner, conversation: Conversation | None, filename: str, processed: ProcessedUpload
+    *,
+    owner,
+    conversation: Conversation | None,
+    filename: str,
+    processed: ProcessedUpload,
+    note: str = "",
 ) -> Attachment:
     """Store a processed upload for `owner` (unsent: no message yet). All or nothing."""
     written: list[Path] = []
@@ -130,6 +142,7 @@ def attachment_create(
                 source_width=processed.source_width,
                 source_height=processed.source_height,
                 thumbnail=thumbnail,
+                note=clean_note(note),
             )
             for index, part in enumerate(processed.parts):
                 image = _store(
@@ -268,6 +281,8 @@ def user_content(message: Message, *, vision: bool) -> str | list[dict]:
             else:
                 url = data_url(data, part.image.mime)
                 parts.append({"type": "image_url", "image_url": {"url": url}})
+        if attachment.note:
+            parts.append({"type": "text", "text": attachment.note})
     return parts
 
 
@@ -304,6 +319,7 @@ def attachment_to_dict(attachment: Attachment) -> dict:
         "source_width": attachment.source_width,
         "source_height": attachment.source_height,
         "bytes": sum(p.image.bytes for p in parts),
+        "note": attachment.note,
     }
 
 

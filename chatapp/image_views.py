@@ -1,6 +1,6 @@
 """HTTP transport for images: the upload endpoint and the authenticated image views.
 
-POST /api/attachments/ (multipart: file, conversation?, model?) -> 201 with the attachment's
+POST /api/attachments/ (multipart: file, conversation?, model?, note?) -> 201 with the attachment's
 wire shape, or {"code", "message"} with 400 / 401 / 404 / 413. Uploads need a login and the CSRF
 token. An upload may come before its conversation exists (the first message of a new chat): it
 stays unbound, visible only to its uploader, until the send binds it.
@@ -61,12 +61,14 @@ def _too_large() -> JsonResponse:
     return _error(413, "too_large", f"The file is too large; the upload limit is {limit:.1f} MB.")
 
 
-def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes]:
-    """Parse the multipart body (in a worker thread) -> (file name, conversation, model, bytes)."""
+def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes, str]:
+    """Parse the multipart body (in a worker thread) -> (file name, conversation, model, bytes,
+    note: the editor's description of the image's mark-up)."""
     try:
         upload = request.FILES.get("file")
         conversation_id = request.POST.get("conversation") or ""
         model_id = request.POST.get("model") or ""
+        note = request.POST.get("note") or ""
     except RequestDataTooBig:
         raise ClientError("too_large", "The upload is too large.") from None
     except (MultiPartParserError, SuspiciousOperation):
@@ -78,7 +80,7 @@ def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes]:
     if upload.size > settings.IMAGE_MAX_UPLOAD_BYTES:
         raise ClientError("too_large", "")
     data = upload.read()
-    return upload.name, conversation_id, model_id, data
+    return upload.name, conversation_id, model_id, data, note
 
 
 def _process(data: bytes, max_edge: int) -> images.ProcessedUpload:
@@ -128,7 +130,7 @@ async def upload(request: HttpRequest) -> JsonResponse:
         return _too_large()
     loop = asyncio.get_running_loop()
     try:
-        name, conversation_id, model_id, data = await loop.run_in_executor(
+        name, conversation_id, model_id, data, note = await loop.run_in_executor(
             _executor(), _read_upload, request
         )
         conversation, max_edge = await sync_to_async(_resolve_target)(
@@ -136,7 +138,7 @@ async def upload(request: HttpRequest) -> JsonResponse:
         )
         processed = await loop.run_in_executor(_executor(), _process, data, max_edge)
         attachment = await sync_to_async(_store)(
-            user=user, conversation=conversation, name=name, processed=processed
+            user=user, conversation=conversation, name=name, processed=processed, note=note
         )
     except ClientError as exc:
         if exc.code == "too_large":
@@ -149,10 +151,12 @@ async def upload(request: HttpRequest) -> JsonResponse:
     return JsonResponse(attachment, status=201)
 
 
-def _store(*, user, conversation, name: str, processed: images.ProcessedUpload) -> dict:
+def _store(
+    *, user, conversation, name: str, processed: images.ProcessedUpload, note: str = ""
+) -> dict:
     attachments_purge_unsent()
     attachment = attachment_create(
-        owner=user, conversation=conversation, filename=name, processed=processed
+        owner=user, conversation=conversation, filename=name, processed=processed, note=note
     )
     return attachment_to_dict(attachment)
 

@@ -68,6 +68,7 @@ def model_to_dict(model: ModelConfig) -> dict:
         "name": model.display_name,
         "vision": model.vision,
         "video": model.video,
+        "max_image_edge": model.max_image_edge,
         "demo": model.is_demo,
         "reasoning": model.reasoning,
         "reasoning_mode": model.reasoning_mode,

@@ -465,6 +465,9 @@ class Attachment(models.Model):
     source_width = models.PositiveIntegerField()
     source_height = models.PositiveIntegerField()
     thumbnail = models.ForeignKey(StoredImage, on_delete=models.PROTECT, related_name="+")
+    # Sent to the model as text right after the image: what the user's mark-up means ("numbered
+    # markers 1-3, highlighted regions"), or which page of which PDF this is.
+    note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

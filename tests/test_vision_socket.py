@@ -259,3 +259,36 @@ async def test_earlier_images_become_a_note_for_a_model_that_cannot_see(fake_ups
         "role": "user",
         "content": "what is this\n\n[1 image not shown: this model cannot see images]",
     }
+
+
+async def test_the_editors_note_follows_its_image_and_is_cleaned(fake_upstream):
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+
+    def upload_with_note() -> dict:
+        client = Client()
+        client.force_login(user)
+        note = "The user marked up this image: it has numbered markers 1-3.\x00\n" + "x" * 900
+        response = client.post(
+            "/api/attachments/",
+            {
+                "file": SimpleUploadedFile("marked.png", f.encode(f.screenshot(320, 200), "PNG")),
+                "note": note,
+            },
+        )
+        assert response.status_code == 201, response.content
+        return response.json()
+
+    marked = await database_sync_to_async(upload_with_note)()
+    plain = await upload(user, f.encode(f.screenshot(300, 200), "PNG"), "plain.png")
+    assert marked["note"].startswith("The user marked up this image: it has numbered markers 1-3. ")
+    assert len(marked["note"]) == 600 and "\x00" not in marked["note"]
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await send(ws, "What does marker 2 point at?", [marked["id"], plain["id"]])
+    await ws.disconnect()
+
+    (request,) = fake_upstream.chat_requests()
+    parts = request.json["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url"]
+    assert parts[2]["text"] == marked["note"]  # right after its own image, before the next

@@ -1,12 +1,40 @@
 // Images in the composer and in sent messages.
 //
 // Three ways in: the "Attach image" button (a real <input type="file" multiple accept="image/*">),
-// drag-and-drop onto the chat, and paste. Each file uploads at once (XMLHttpRequest, for upload
-// progress) to POST /api/attachments/, so Send only has to name the ids. The server detects the
-// type from the content and answers with what will actually be sent ("1920×1080 → 1568×882,
-// 412 KB"), shown under the thumbnail. Uploads are not tied to a conversation: the send binds them.
+// drag-and-drop onto the chat, and paste. An image stays in the browser until Send: clicking its
+// thumbnail opens the editor (editor.js) to crop, mark up and redact it, and only then, at Send,
+// is one file uploaded per image (XMLHttpRequest, for progress): the edited PNG when it was
+// edited, never its original. Until then the tray shows the size that will be sent, computed by
+// the server's own sizing rule, and the file's bytes; once uploaded, the server's exact figures
+// ("1920×1080 → 1568×882, 412 KB"). Uploads are not tied to a conversation: the send binds them.
+import { openEditor } from "./editor.js";
 
 const UPLOAD_URL = "/api/attachments/";
+// images.py: the short side is kept at least this long, tall images are tiled instead.
+const MIN_SHORT_SIDE = 1080;
+const DEFAULT_MAX_EDGE = 3000;
+
+// The size the server will send (images.py `_plan`), so the tray can say it before any upload.
+export function plannedSize(width, height, maxEdge = DEFAULT_MAX_EDGE) {
+  const long = Math.max(width, height);
+  const short = Math.min(width, height);
+  if (long <= maxEdge) return `${width}×${height}`;
+  const fit = maxEdge / long;
+  if (Math.round(short * fit) >= Math.min(short, MIN_SHORT_SIDE, maxEdge)) {
+    return `${Math.max(1, Math.round(width * fit))}×${Math.max(1, Math.round(height * fit))}`;
+  }
+  return `tiles of up to ${Math.min(short, maxEdge)}×${maxEdge}`;
+}
+
+function imageSize(blob) {
+  return new Promise((resolve) => {
+    const url = URL.createObjectURL(blob);
+    const image = new Image();
+    image.onload = () => { URL.revokeObjectURL(url); resolve([image.naturalWidth, image.naturalHeight]); };
+    image.onerror = () => { URL.revokeObjectURL(url); resolve(null); }; // e.g. HEIC: the server reads it
+    image.src = url;
+  });
+}
 
 function formatBytes(n) {
   if (n < 1024 * 1024) return `${Math.max(1, Math.round(n / 1024))} KB`;
@@ -38,6 +66,7 @@ export function renderMessageImages(bubble, attachments) {
       el("img", { src: image.thumbnail_url, alt: image.name, loading: "lazy" }),
     );
     const caption = el("figcaption", { class: "muted small" }, image.label);
+    if (image.note) caption.title = image.note;
     if (image.part_urls && image.part_urls.length > 1) {
       caption.append(" · ");
       image.part_urls.forEach((url, index) => {
@@ -154,40 +183,83 @@ export class ComposerImages {
 
   addOne(file) {
     const name = file.name || "pasted image";
-    const item = { key: ++this.counter, file, name, state: "uploading", id: null };
+    const item = { key: ++this.counter, file, name, state: "local", id: null, edit: null };
     const preview = URL.createObjectURL(file);
     const img = el("img", { alt: "", src: preview });
     img.addEventListener("error", () => img.removeAttribute("src")); // e.g. HEIC in Chromium
-    const progress = el("progress", { max: 100, value: 0, "aria-label": `Uploading ${name}` });
+    const thumb = el("button", { type: "button", class: "attachment-thumb", "aria-label": `Edit ${name}`, title: `Edit ${name}: crop, mark up, redact` }, img);
+    thumb.addEventListener("click", () => this.edit(item));
+    const progress = el("progress", { max: 100, value: 0, "aria-label": `Uploading ${name}`, hidden: true });
     const label = el("span", { class: "attachment-label" });
     const error = el("span", { class: "attachment-error", role: "alert" });
     const remove = el("button", { type: "button", class: "attachment-remove", "aria-label": `Remove ${name}`, title: `Remove ${name}` }, "×");
     remove.addEventListener("click", () => this.remove(item));
     const node = el(
       "div",
-      { role: "listitem", class: "attachment", "data-state": "uploading" },
-      el("div", { class: "attachment-thumb" }, img),
+      { role: "listitem", class: "attachment", "data-state": "local" },
+      thumb,
       el(
         "div",
         { class: "attachment-info" },
         el("span", { class: "attachment-name" }, name),
-        el("span", { class: "attachment-size muted" }, formatBytes(file.size)),
-        progress,
         label,
+        progress,
         error,
       ),
       remove,
     );
-    Object.assign(item, { node, img, progress, label, error, preview });
+    Object.assign(item, { node, img, thumb, progress, label, error, preview });
     this.items.push(item);
     this.tray.append(node);
     this.tray.hidden = false;
-    this.upload(item);
+    this.describeLocal(item);
+  }
+
+  // Before upload: the pixels the server will send and the bytes that will leave the browser.
+  async describeLocal(item) {
+    const blob = item.edit?.blob || item.file;
+    const size = await imageSize(blob);
+    if (item.state !== "local") return;
+    const maxEdge = this.currentModel()?.max_image_edge || DEFAULT_MAX_EDGE;
+    const pixels = size ? `${size[0]}×${size[1]} → ${plannedSize(size[0], size[1], maxEdge)}, ` : "";
+    const edited = item.edit?.blob ? "edited · " : "";
+    item.label.textContent = `${edited}${pixels}≈ ${formatBytes(blob.size)} · uploads when sent`;
+  }
+
+  async edit(item) {
+    if (item.state !== "local") return; // uploaded: what was sent is what the server has
+    let result;
+    try {
+      result = await openEditor({ file: item.file, state: item.edit?.state, name: item.name });
+    } catch (error) {
+      this.onError(error.message);
+      return;
+    }
+    if (!result || item.state !== "local") return;
+    // The layers stay editable until the send; no layers left = the image as it was added.
+    item.edit = { blob: result.blob, state: result.state, note: result.note };
+    URL.revokeObjectURL(item.preview);
+    item.preview = URL.createObjectURL(result.blob || item.file);
+    item.img.src = item.preview;
+    item.node.dataset.edited = result.blob ? "true" : "false";
+    this.describeLocal(item);
   }
 
   upload(item) {
+    item.state = "uploading";
+    item.node.dataset.state = "uploading";
+    item.progress.hidden = false;
+    item.progress.value = 0;
+    item.label.textContent = "";
     const body = new FormData();
-    body.append("file", item.file, item.name);
+    // The edited image replaces the original entirely: the original is never sent.
+    if (item.edit?.blob) {
+      const base = item.name.replace(/\.[^.]*$/, "") || "image";
+      body.append("file", item.edit.blob, `${base}.png`);
+      if (item.edit.note) body.append("note", item.edit.note);
+    } else {
+      body.append("file", item.file, item.name);
+    }
     const conversationId = this.getConversationId();
     if (conversationId) body.append("conversation", conversationId);
     body.append("model", this.getModelId());
@@ -227,6 +299,7 @@ export class ComposerImages {
     item.progress.hidden = true;
     item.label.textContent = result.label;
     item.img.src = result.thumbnail_url; // what will be sent: oriented, any format shown
+    item.thumb.disabled = true;
     URL.revokeObjectURL(item.preview);
   }
 
@@ -256,11 +329,15 @@ export class ComposerImages {
   // -- sending --
 
   isEmpty() {
-    return !this.items.some((item) => item.state === "uploading" || item.state === "done");
+    return !this.items.some((item) => ["local", "uploading", "done"].includes(item.state));
   }
 
-  // Waits for uploads still running; refuses while a failed one is in the tray.
+  // Uploads what is still only in the browser, waits for every upload; refuses while a failed
+  // one is in the tray (so a message never goes out without an image the user meant to send).
   async take() {
+    const failedBefore = this.items.find((item) => item.state === "failed");
+    if (failedBefore) throw new Error(`${failedBefore.name}: ${failedBefore.error.textContent} Remove it to send.`);
+    for (const item of this.items) if (item.state === "local") this.upload(item);
     await Promise.all(this.items.map((item) => item.done));
     const failed = this.items.find((item) => item.state === "failed");
     if (failed) throw new Error(`${failed.name}: ${failed.error.textContent} Remove it to send.`);

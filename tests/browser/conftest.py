@@ -43,6 +43,8 @@ TIMEOUT_MS = 20_000
 _next_user = itertools.count(1)
 # The running server's environment, for tests that prepare data with `manage.py shell`.
 SERVER_ENV: dict = {}
+# Where the running app keeps its files (tests read the stored media to prove what was kept).
+SERVER: dict[str, Path] = {}
 
 
 def _is_browser_test(item) -> bool:
@@ -91,6 +93,7 @@ def running_app(extra_env: dict, *, port: int | None = None, setup: str = "", na
     root, after `migrate`, `collectstatic` and the Python `setup` code (run by `manage.py
     shell`). Yields the base URL; the server's log is copied to test-artifacts/<name>.log."""
     tmp = Path(tempfile.mkdtemp(prefix="kimichat-browser-"))
+    SERVER["data_dir"] = tmp / "data"
     env = {
         key: value
         for key, value in os.environ.items()
@@ -222,6 +225,12 @@ def page(context):
     page.js_errors = errors
     yield page
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def media_root(app_server) -> Path:
+    """The running app's MEDIA_ROOT (every stored image file is under it)."""
+    return SERVER["data_dir"] / "media"
 
 
 def log_in(page, username: str | None = None):

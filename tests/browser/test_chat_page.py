@@ -415,9 +415,12 @@ def test_paste_a_screenshot_from_the_clipboard_and_ask(page, person, upstream):
     tray = page.get_by_role("list", name="Images to send")
     item = tray.get_by_role("listitem").filter(has_text="screenshot.png")
     expect(item).to_be_visible()
-    expect(tray.get_by_text(re.compile(r"800×500 → 800×500, \d+ KB"))).to_be_visible()
-    # The thumbnail (decorative: the name is written beside it) really shows the image: once
-    # uploaded it switches to the server's thumbnail, so wait for that one to load.
+    # Nothing is uploaded before Send (the image may still be edited): the tray shows the size
+    # the server will send and the bytes that will leave the browser.
+    expect(
+        tray.get_by_text(re.compile(r"800×500 → 800×500, ≈ \d+ KB · uploads when sent"))
+    ).to_be_visible()
+    # The thumbnail (decorative: the name is written beside it) really shows the image.
     thumbnail = item.locator("img")
     expect(thumbnail).to_be_visible()
     page.wait_for_function(
@@ -446,8 +449,8 @@ def test_attach_images_with_the_file_input_remove_one_and_ask(page, person, upst
     chooser.value.set_files([first, second])
     tray = page.get_by_role("list", name="Images to send")
     expect(tray.get_by_role("listitem")).to_have_count(2)
-    expect(tray.get_by_text(re.compile(r"640×480 → 640×480, \d+ KB"))).to_be_visible()
-    expect(tray.get_by_text(re.compile(r"300×200 → 300×200, \d+ KB"))).to_be_visible()
+    expect(tray.get_by_text(re.compile(r"640×480 → 640×480, ≈ \d+ KB"))).to_be_visible()
+    expect(tray.get_by_text(re.compile(r"300×200 → 300×200, ≈ \d+ KB"))).to_be_visible()
     tray.get_by_role("button", name="Remove extra.png").click()
     expect(tray.get_by_role("listitem")).to_have_count(1)
 
