@@ -54,6 +54,12 @@ class RecordingProxy:
         self._loop.run_forever()
 
     async def _handle(self, reader, writer) -> None:
+        try:
+            await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()  # shutting down; asyncio's stream callback would log a cancellation
+
+    async def _relay(self, reader, writer) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
 
         async def pump(source, sink, record: bool) -> None:
@@ -175,6 +181,8 @@ def png_in(body: bytes) -> Image.Image | None:
 def test_mark_up_and_redact_before_upload(wire, upstream, media_root):
     page, proxy = wire
     original = original_screenshot()
+    # The app serves the whole browser session: only files stored by this test are its own.
+    before = {path for path in media_root.rglob("*") if path.is_file()}
     frames: list[str] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda payload: frames.append(payload)))
 
@@ -269,8 +277,10 @@ def test_mark_up_and_redact_before_upload(wire, upstream, media_root):
     # 3. No stored file is (or contains) the original, and every stored full-size image has
     # the secret region blacked out.
     stored = [path for path in media_root.rglob("*") if path.is_file()]
-    assert stored
-    for path in stored:
+    assert original not in b"".join(path.read_bytes() for path in stored)
+    mine = [path for path in stored if path not in before]
+    assert len(mine) == 2  # the edited image and its thumbnail
+    for path in mine:
         data = path.read_bytes()
         assert original not in data
         with Image.open(path) as image:
