@@ -3,7 +3,9 @@
 `python -m bench.images` pins itself to one CPU, generates a 4032x3024 JPEG photo, a 3840x2160
 PNG screenshot, a 1080x8000 scrolling screenshot and a 12-megapixel HEIC (nothing downloaded),
 runs each through the pipeline a few times and prints one JSON list: input bytes, the median
-and best milliseconds, output bytes (all parts) and the parts' sizes.
+and best milliseconds, output bytes (all parts) and the parts' sizes. The same figures for the
+other media: one page of a vector PDF (text and a diagram, written here) rendered at 200 dpi and
+prepared as an image (chatapp.pdfs), and the page picker's preview of a 20-page PDF.
 """
 
 import io
@@ -83,6 +85,91 @@ def inputs() -> list[tuple[str, bytes]]:
     ]
 
 
+def vector_pdf(pages: int, seed: int = 5) -> bytes:
+    """A Letter-size PDF whose pages carry ~60 lines of Helvetica text and a boxes-and-arrows
+    diagram, as vector operators (what a diagram or a spec exported to PDF looks like)."""
+    rng = random.Random(seed)
+    words = ["queue", "worker", "retry", "client", "cache", "store", "deploy", "timeout", "token"]
+    streams = []
+    for _ in range(pages):
+        ops = ["0.1 0.1 0.1 rg", "BT /F1 9 Tf 54 740 Td 11 TL"]
+        for _ in range(30):
+            line = " ".join(rng.choice(words) for _ in range(rng.randrange(6, 14)))
+            ops.append(f"({line}) Tj T*")
+        ops.append("ET")
+        for _ in range(12):
+            x, y = rng.randrange(54, 480), rng.randrange(60, 380)
+            ops.append(f"0.2 0.4 0.85 RG 1.5 w {x} {y} 90 40 re S")
+            ops.append(f"BT /F1 8 Tf {x + 6} {y + 16} Td ({rng.choice(words)}) Tj ET")
+            ops.append(f"{x + 90} {y + 20} m {x + 130} {y + rng.randrange(-40, 40)} l S")
+        streams.append("\n".join(ops).encode())
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    page_ids = [4 + 2 * i for i in range(pages)]
+    kids = " ".join(f"{n} 0 R" for n in page_ids)
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode())
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    for index, stream in enumerate(streams):
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << "
+            f"/F1 3 0 R >> >> /Contents {page_ids[index] + 1} 0 R >>".encode()
+        )
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n".encode() + stream + b"\nendstream")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
+    out.write(b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets))
+    trailer = f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n"
+    out.write(trailer.encode())
+    return out.getvalue()
+
+
+def timed(function, runs: int = RUNS):
+    times, out = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = function()
+        times.append((time.perf_counter() - start) * 1000)
+    return out, statistics.median(times), min(times)
+
+
+def media_results() -> list[dict]:
+    from chatapp.pdfs import pdf_preview, pdf_render_pages
+
+    results = []
+    document = vector_pdf(20)
+    rendered, median, best = timed(lambda: pdf_render_pages(document, [3]))
+    parts = rendered[0].processed.parts
+    results.append(
+        {
+            "image": "PDF page (Letter, vector text + diagram) at 200 dpi",
+            "input_bytes": len(document),
+            "ms_median": median,
+            "ms_best": best,
+            "output_bytes": sum(len(p.data) for p in parts),
+            "parts": len(parts),
+            "part_mimes": sorted({p.mime for p in parts}),
+        }
+    )
+    preview, median, best = timed(lambda: pdf_preview(document))
+    results.append(
+        {
+            "image": "PDF preview: 20 pages, thumbnails",
+            "input_bytes": len(document),
+            "ms_median": median,
+            "ms_best": best,
+            "output_bytes": sum(len(p.thumbnail or b"") for p in preview.pages),
+            "parts": len(preview.pages),
+            "part_mimes": ["image/webp"],
+        }
+    )
+    return results
+
+
 def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[-1]})  # one core, as the target says
@@ -108,6 +195,7 @@ def main() -> None:
                 "thumbnail_bytes": len(out.thumbnail),
             }
         )
+    results += media_results()
     print(json.dumps(results))
 
 

@@ -299,12 +299,14 @@ def attachment_label(attachment: Attachment) -> str:
     """What will be sent, e.g. "1920×1080 → 1568×882, 412 KB"."""
     parts = [p.image for p in attachment.parts.all()]
     source = f"{attachment.source_width}×{attachment.source_height}"
+    # A PDF page says which page of which file it is ("page 3 of diagram.pdf: 1700×2200 → …").
+    prefix = f"{attachment.filename}: " if attachment.source_format == "PDF" else ""
     size = format_bytes(sum(p.bytes for p in parts))
     if len(parts) == 1:
-        return f"{source} → {parts[0].width}×{parts[0].height}, {size}"
+        return f"{prefix}{source} → {parts[0].width}×{parts[0].height}, {size}"
     width = max(p.width for p in parts)
     height = max(p.height for p in parts)
-    return f"{source} → {len(parts)} tiles of up to {width}×{height}, {size}"
+    return f"{prefix}{source} → {len(parts)} tiles of up to {width}×{height}, {size}"
 
 
 def attachment_to_dict(attachment: Attachment) -> dict:

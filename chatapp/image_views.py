@@ -2,7 +2,11 @@
 
 POST /api/attachments/ (multipart: file, conversation?, model?, note?) -> 201 with the attachment's
 wire shape, or {"code", "message"} with 400 / 401 / 404 / 413. Uploads need a login and the CSRF
-token. An upload may come before its conversation exists (the first message of a new chat): it
+token. A PDF (recognised from its bytes) needs `pages` ("1,3"): each page is rendered and stored
+as its own image attachment, and the answer is {"attachments": [...]}, in page order as given.
+POST /api/attachments/pdf-preview/ (multipart: file, model?) -> 200 {"page_count", "pages": [{
+"number", "send_size", "thumbnail"?}], "default_pages", "max_pages"}: the page picker's data;
+nothing is stored. An upload may come before its conversation exists (the first message of a new chat): it
 stays unbound, visible only to its uploader, until the send binds it.
 DELETE /api/attachments/<id>/ removes an unsent upload.
 GET /attachments/<id>/thumbnail/ and /attachments/<id>/image/<part>/ serve the stored bytes to
@@ -19,18 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.views.csrf import csrf_failure as default_csrf_failure
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import images
+from . import images, pdfs
 from .access import attachment_get_for_user, conversation_get_for_user, model_get_for_user
 from .attachments import (
     attachment_create,
     attachment_delete,
     attachment_to_dict,
     attachments_purge_unsent,
+    clean_filename,
+    format_bytes,
     read_image,
 )
 from .errors import ClientError
@@ -39,6 +46,7 @@ from .model_catalog import default_model_for
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH = "/api/attachments/"
+PDF_PREVIEW_PATH = "/api/attachments/pdf-preview/"
 # Multipart framing around the file: boundary lines and part headers.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -56,19 +64,24 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"code": code, "message": message}, status=status)
 
 
-def _too_large() -> JsonResponse:
-    limit = settings.IMAGE_MAX_UPLOAD_BYTES / (1024 * 1024)
-    return _error(413, "too_large", f"The file is too large; the upload limit is {limit:.1f} MB.")
+def max_upload_bytes() -> int:
+    """The largest file any kind of upload accepts (each kind then checks its own limit)."""
+    return max(settings.IMAGE_MAX_UPLOAD_BYTES, settings.PDF_MAX_UPLOAD_BYTES)
 
 
-def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes, str]:
+def _too_large(limit: int | None = None) -> JsonResponse:
+    size = format_bytes(limit or max_upload_bytes())
+    return _error(413, "too_large", f"The file is too large; the upload limit is {size}.")
+
+
+def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes, dict]:
     """Parse the multipart body (in a worker thread) -> (file name, conversation, model, bytes,
-    note: the editor's description of the image's mark-up)."""
+    the other fields: note (the editor's description of its mark-up), pages (of a PDF))."""
     try:
         upload = request.FILES.get("file")
         conversation_id = request.POST.get("conversation") or ""
         model_id = request.POST.get("model") or ""
-        note = request.POST.get("note") or ""
+        fields = {key: request.POST.get(key) or "" for key in ("note", "pages")}
     except RequestDataTooBig:
         raise ClientError("too_large", "The upload is too large.") from None
     except (MultiPartParserError, SuspiciousOperation):
@@ -77,10 +90,10 @@ def _read_upload(request: HttpRequest) -> tuple[str, str, str, bytes, str]:
         ) from None
     if upload is None:
         raise ClientError("no_file", "Choose an image to upload (the form field is “file”).")
-    if upload.size > settings.IMAGE_MAX_UPLOAD_BYTES:
+    if upload.size > max_upload_bytes():
         raise ClientError("too_large", "")
     data = upload.read()
-    return upload.name, conversation_id, model_id, data, note
+    return upload.name, conversation_id, model_id, data, fields
 
 
 def _process(data: bytes, max_edge: int) -> images.ProcessedUpload:
@@ -101,6 +114,48 @@ def _process(data: bytes, max_edge: int) -> images.ProcessedUpload:
         raise images.ImageError(
             f"This file could not be read as an image. Upload {images.ACCEPTED_TYPES_TEXT}."
         ) from exc
+
+
+def _pdf_options(max_edge: int) -> dict:
+    return {
+        "max_pages": settings.PDF_MAX_PAGES,
+        "dpi": settings.PDF_RENDER_DPI,
+        "max_edge": max_edge,
+        "max_tiles": settings.IMAGE_MAX_TILES,
+        "max_page_pixels": settings.PDF_MAX_PAGE_PIXELS,
+    }
+
+
+def _parse_pages(raw: str) -> list[int]:
+    try:
+        pages = [int(part) for part in raw.replace(" ", "").split(",") if part]
+    except ValueError:
+        pages = []
+    if not pages:
+        raise ClientError("no_pages", "Pick at least one page of the PDF to send.")
+    if len(set(pages)) != len(pages):
+        raise ClientError("bad_pages", "A page is picked twice.")
+    if len(pages) > settings.PDF_MAX_PICKED_PAGES:
+        raise ClientError(
+            "too_many_pages",
+            f"Pick at most {settings.PDF_MAX_PICKED_PAGES} pages of one PDF "
+            f"({len(pages)} are picked).",
+        )
+    return pages
+
+
+async def _in_pool(timeout: float, function, *args, **kwargs):
+    """Run in the image worker pool; a PDF that takes too long gets a clear error (the worker
+    finishes it in the background; PDFium cannot be interrupted)."""
+    loop = asyncio.get_running_loop()
+    call = loop.run_in_executor(_executor(), lambda: function(*args, **kwargs))
+    try:
+        return await asyncio.wait_for(call, timeout)
+    except TimeoutError:
+        raise pdfs.PdfError(
+            f"The PDF took longer than {timeout:g} seconds to render. Attach fewer pages, or "
+            "screenshots of the pages you need."
+        ) from None
 
 
 def _resolve_target(user, conversation_id: str, model_id: str):
@@ -126,29 +181,128 @@ async def upload(request: HttpRequest) -> JsonResponse:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         declared = 0
-    if declared > settings.IMAGE_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
+    if declared > max_upload_bytes() + MULTIPART_OVERHEAD:
         return _too_large()
     loop = asyncio.get_running_loop()
     try:
-        name, conversation_id, model_id, data, note = await loop.run_in_executor(
+        name, conversation_id, model_id, data, fields = await loop.run_in_executor(
             _executor(), _read_upload, request
         )
         conversation, max_edge = await sync_to_async(_resolve_target)(
             user, conversation_id, model_id
         )
+        if pdfs.is_pdf(data):
+            return await _upload_pdf(user, conversation, name, data, fields["pages"], max_edge)
+        if len(data) > settings.IMAGE_MAX_UPLOAD_BYTES:
+            return _too_large(settings.IMAGE_MAX_UPLOAD_BYTES)
         processed = await loop.run_in_executor(_executor(), _process, data, max_edge)
         attachment = await sync_to_async(_store)(
-            user=user, conversation=conversation, name=name, processed=processed, note=note
+            user=user,
+            conversation=conversation,
+            name=name,
+            processed=processed,
+            note=fields["note"],
+        )
+    except ClientError as exc:
+        if exc.code == "too_large":
+            return _too_large()
+        return _error(400, exc.code, exc.message)
+    except pdfs.PdfError as exc:
+        return _error(400, "bad_pdf", str(exc))
+    except images.ImageError as exc:
+        return _error(400, "bad_image", str(exc))
+    except Http404:
+        return _error(404, "not_found", "No such conversation.")
+    return JsonResponse(attachment, status=201)
+
+
+async def _upload_pdf(user, conversation, name, data, raw_pages, max_edge) -> JsonResponse:
+    """Render the picked pages; each becomes an image attachment named after its page."""
+    if len(data) > settings.PDF_MAX_UPLOAD_BYTES:
+        return _too_large(settings.PDF_MAX_UPLOAD_BYTES)
+    pages = _parse_pages(raw_pages)
+    name = clean_filename(name)
+    rendered = await _in_pool(
+        settings.PDF_RENDER_TIMEOUT,
+        pdfs.pdf_render_pages,
+        data,
+        pages,
+        name=name,
+        max_output_bytes=settings.IMAGE_MAX_OUTPUT_BYTES,
+        **_pdf_options(max_edge),
+    )
+    stored = await sync_to_async(_store_pages)(
+        user=user, conversation=conversation, name=name, rendered=rendered
+    )
+    return JsonResponse({"attachments": stored}, status=201)
+
+
+@transaction.atomic
+def _store_pages(*, user, conversation, name: str, rendered: list[pdfs.RenderedPage]) -> list:
+    attachments_purge_unsent()
+    return [
+        attachment_to_dict(
+            attachment_create(
+                owner=user,
+                conversation=conversation,
+                filename=f"page {page.number} of {name}",
+                processed=page.processed,
+                note=f"The image above is page {page.number} of {name}.",
+            )
+        )
+        for page in rendered
+    ]
+
+
+async def pdf_preview(request: HttpRequest) -> JsonResponse:
+    if request.method != "POST":
+        return _error(405, "method", "Upload with POST.")
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _error(401, "login", "Log in to upload files.")
+    loop = asyncio.get_running_loop()
+    try:
+        name, conversation_id, model_id, data, _ = await loop.run_in_executor(
+            _executor(), _read_upload, request
+        )
+        if not pdfs.is_pdf(data):
+            raise pdfs.PdfError("This file is not a PDF.")
+        if len(data) > settings.PDF_MAX_UPLOAD_BYTES:
+            return _too_large(settings.PDF_MAX_UPLOAD_BYTES)
+        _, max_edge = await sync_to_async(_resolve_target)(user, conversation_id, model_id)
+        preview = await _in_pool(
+            settings.PDF_RENDER_TIMEOUT,
+            pdfs.pdf_preview,
+            data,
+            name=clean_filename(name),
+            **_pdf_options(max_edge),
         )
     except ClientError as exc:
         if exc.code == "too_large":
             return _too_large()
         return _error(400, exc.code, exc.message)
     except images.ImageError as exc:
-        return _error(400, "bad_image", str(exc))
+        return _error(400, "bad_pdf", str(exc))
     except Http404:
         return _error(404, "not_found", "No such conversation.")
-    return JsonResponse(attachment, status=201)
+    pages = [
+        {
+            "number": page.number,
+            "send_size": page.send_size,
+            "thumbnail": images.data_url(page.thumbnail, "image/webp") if page.thumbnail else None,
+        }
+        for page in preview.pages
+    ]
+    return JsonResponse(
+        {
+            "page_count": preview.page_count,
+            "pages": pages,
+            "default_pages": list(
+                range(1, min(settings.PDF_DEFAULT_PAGES, preview.page_count) + 1)
+            ),
+            "max_pages": settings.PDF_MAX_PICKED_PAGES,
+        }
+    )
 
 
 def _store(
@@ -209,9 +363,13 @@ def upload_size_guard(app):
     read (Django's ASGI handler spools the whole body before any view runs)."""
 
     async def guarded(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == UPLOAD_PATH:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in (UPLOAD_PATH, PDF_PREVIEW_PATH)
+        ):
             declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-            limit = settings.IMAGE_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD
+            limit = max_upload_bytes() + MULTIPART_OVERHEAD
             if declared.isdigit() and int(declared) > limit:
                 body = _too_large().content
                 await send(

@@ -148,6 +148,25 @@ def process_upload(
         )
 
     source_format, im = _decode(data, max_pixels)
+    return process_image(
+        im,
+        source_format=source_format,
+        max_edge=max_edge,
+        max_output_bytes=max_output_bytes,
+        max_tiles=max_tiles,
+    )
+
+
+def process_image(
+    im: Image.Image,
+    *,
+    source_format: str,
+    max_edge: int = DEFAULT_MAX_EDGE,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    max_tiles: int = DEFAULT_MAX_TILES,
+) -> ProcessedUpload:
+    """Size and encode an already decoded, trusted image (an upload after _decode, a rendered
+    PDF page, a video frame). Metadata in ``im.info`` other than its ICC profile is dropped."""
     im = _to_srgb(im)
     im = _drop_opaque_alpha(im)
     source_width, source_height = im.size
@@ -319,21 +338,21 @@ def _drop_opaque_alpha(im: Image.Image) -> Image.Image:
 # --- sizing ----------------------------------------------------------------------------------
 
 
-def _plan(
-    im: Image.Image, *, max_edge: int, max_tiles: int, resample: Image.Resampling
-) -> tuple[Image.Image, list[Image.Image]]:
-    """Return (the image at its final scale, its parts in reading order)."""
-    width, height = im.size
+def plan_geometry(
+    width: int, height: int, *, max_edge: int, max_tiles: int
+) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """(the image's size at its final scale, the crop box of each part in reading order), from
+    its dimensions alone: what will be sent can be told before anything is decoded."""
     long_side, short_side = max(width, height), min(width, height)
     if long_side <= max_edge:
-        return im, [im]  # never upscale
+        return (width, height), [(0, 0, width, height)]  # never upscale
 
     # The short side we refuse to go below (unless it is already smaller).
     floor = min(short_side, MIN_SHORT_SIDE, max_edge)
     fit = max_edge / long_side
     if round(short_side * fit) >= floor:
-        sized = _resize(im, fit, resample)
-        return sized, [sized]
+        size = _scaled((width, height), fit)
+        return size, [(0, 0, *size)]
 
     # Too elongated to fit in one image and stay legible: keep the short side as large as
     # allowed and cut the long side into overlapping tiles, top to bottom (or left to right).
@@ -344,24 +363,46 @@ def _plan(
         # More tiles than we send in one upload: shrink below the legibility floor rather than
         # refuse; a smaller image the model can partly read beats no image.
         scale = longest_tiled / long_side
-    sized = _resize(im, scale, resample) if scale < 1 else im
-    tall = sized.height >= sized.width
-    length = sized.height if tall else sized.width
+    sized = _scaled((width, height), scale) if scale < 1 else (width, height)
+    tall = sized[1] >= sized[0]
+    length = sized[1] if tall else sized[0]
 
     count = max(1, math.ceil((length - overlap) / (max_edge - overlap)))
     tile = min(length, math.ceil((length + (count - 1) * overlap) / count))
     starts = [0] if count == 1 else [round(i * (length - tile) / (count - 1)) for i in range(count)]
-    tiles = [
-        sized.crop((0, s, sized.width, s + tile) if tall else (s, 0, s + tile, sized.height))
-        for s in starts
-    ]
-    return sized, tiles
+    boxes = [(0, s, sized[0], s + tile) if tall else (s, 0, s + tile, sized[1]) for s in starts]
+    return sized, boxes
+
+
+def plan_label(width: int, height: int, *, max_edge: int, max_tiles: int) -> str:
+    """What a width×height image will be sent as: "1568×882" or "3 tiles of up to 1080×3000"."""
+    _, boxes = plan_geometry(width, height, max_edge=max_edge, max_tiles=max_tiles)
+    if len(boxes) == 1:
+        return f"{boxes[0][2] - boxes[0][0]}×{boxes[0][3] - boxes[0][1]}"
+    tile_width = max(b[2] - b[0] for b in boxes)
+    tile_height = max(b[3] - b[1] for b in boxes)
+    return f"{len(boxes)} tiles of up to {tile_width}×{tile_height}"
+
+
+def _plan(
+    im: Image.Image, *, max_edge: int, max_tiles: int, resample: Image.Resampling
+) -> tuple[Image.Image, list[Image.Image]]:
+    """Return (the image at its final scale, its parts in reading order)."""
+    size, boxes = plan_geometry(im.width, im.height, max_edge=max_edge, max_tiles=max_tiles)
+    sized = im if size == im.size else im.resize(size, resample)
+    if len(boxes) == 1 and boxes[0] == (0, 0, *size):
+        return sized, [sized]
+    return sized, [sized.crop(box) for box in boxes]
+
+
+def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _resize(
     im: Image.Image, scale: float, resample: Image.Resampling = Image.Resampling.LANCZOS
 ) -> Image.Image:
-    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    size = _scaled(im.size, scale)
     if size == im.size:
         return im
     # Pillow premultiplies alpha while resampling.

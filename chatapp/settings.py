@@ -280,6 +280,17 @@ IMAGE_WORKERS = env_int("IMAGE_WORKERS", 2)
 # Uploaded but never sent images are deleted after this many hours.
 IMAGE_UNSENT_TTL_HOURS = env_int("IMAGE_UNSENT_TTL_HOURS", 24)
 
+# PDF pages as images (chatapp/pdfs.py). The PDF is never stored; its picked pages are.
+PDF_MAX_UPLOAD_BYTES = env_int("PDF_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
+# A longer document is refused before any page is rendered (the count is in its page tree).
+PDF_MAX_PAGES = env_int("PDF_MAX_PAGES", 200)
+PDF_DEFAULT_PAGES = env_int("PDF_DEFAULT_PAGES", 3)
+PDF_MAX_PICKED_PAGES = env_int("PDF_MAX_PICKED_PAGES", 10)
+PDF_RENDER_DPI = env_int("PDF_RENDER_DPI", 200)
+PDF_MAX_PAGE_PIXELS = env_int("PDF_MAX_PAGE_PIXELS", 40_000_000)
+# Seconds one preview or one set of pages may take to render before the user gets an error.
+PDF_RENDER_TIMEOUT = env_int("PDF_RENDER_TIMEOUT", 60)
+
 # Production hardening; harmless on http://127.0.0.1 because they only apply with HTTPS on.
 SECURE_HTTPS = env_bool("SECURE_HTTPS", not DEBUG and bool(env_str("SECRET_KEY")))
 SESSION_COOKIE_SECURE = SECURE_HTTPS

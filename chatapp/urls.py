@@ -11,6 +11,11 @@ urlpatterns = [
     path("login/oidc/<slug:slug>/", oidc_views.oidc_login, name="oidc-login"),
     path("login/oidc/<slug:slug>/callback/", oidc_views.oidc_callback, name="oidc-callback"),
     path("api/attachments/", image_views.upload, name="attachment-upload"),
+    path(
+        "api/attachments/pdf-preview/",
+        image_views.pdf_preview,
+        name="attachment-pdf-preview",
+    ),
     path("api/attachments/<int:pk>/", image_views.attachment_remove, name="attachment-remove"),
     path(
         "attachments/<int:pk>/thumbnail/",

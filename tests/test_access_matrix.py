@@ -72,6 +72,14 @@ def _png_upload():
     return SimpleUploadedFile("shot.png", encode(screenshot(64, 48), "PNG"))
 
 
+def _pdf_upload():
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.media_factories import minimal_pdf
+
+    return SimpleUploadedFile("doc.pdf", minimal_pdf(2))
+
+
 def _image(world: dict, *, sent: bool) -> int:
     """An image the owner uploaded: sent in the conversation, or still in the composer."""
     from chatapp.attachments import attachment_create
@@ -250,6 +258,13 @@ URL_CASES = {
         every(201, anonymous=401, deactivated=401),
         data=lambda w: {"file": _png_upload()},
         route="api/attachments/",
+    ),
+    "attachment-pdf-preview": Case(
+        "post",
+        lambda w: "/api/attachments/pdf-preview/",
+        every(200, anonymous=401, deactivated=401),
+        data=lambda w: {"file": _pdf_upload()},
+        route="api/attachments/pdf-preview/",
     ),
     "attachment-remove": Case(
         "delete",

@@ -10,6 +10,7 @@
 import { openEditor } from "./editor.js";
 
 const UPLOAD_URL = "/api/attachments/";
+const PDF_PREVIEW_URL = "/api/attachments/pdf-preview/";
 // images.py: the short side is kept at least this long, tall images are tiled instead.
 const MIN_SHORT_SIDE = 1080;
 const DEFAULT_MAX_EDGE = 3000;
@@ -24,6 +25,10 @@ export function plannedSize(width, height, maxEdge = DEFAULT_MAX_EDGE) {
     return `${Math.max(1, Math.round(width * fit))}×${Math.max(1, Math.round(height * fit))}`;
   }
   return `tiles of up to ${Math.min(short, maxEdge)}×${maxEdge}`;
+}
+
+function isPdf(file) {
+  return file.type === "application/pdf" || /\.pdf$/i.test(file.name || "");
 }
 
 function imageSize(blob) {
@@ -178,40 +183,43 @@ export class ComposerImages {
       return;
     }
     this.onError("");
-    for (const file of files) this.addOne(file);
+    for (const file of files) {
+      if (isPdf(file)) this.addPdf(file);
+      else this.addOne(file);
+    }
   }
 
-  addOne(file) {
-    const name = file.name || "pasted image";
-    const item = { key: ++this.counter, file, name, state: "local", id: null, edit: null };
-    const preview = URL.createObjectURL(file);
-    const img = el("img", { alt: "", src: preview });
-    img.addEventListener("error", () => img.removeAttribute("src")); // e.g. HEIC in Chromium
-    const thumb = el("button", { type: "button", class: "attachment-thumb", "aria-label": `Edit ${name}`, title: `Edit ${name}: crop, mark up, redact` }, img);
-    thumb.addEventListener("click", () => this.edit(item));
+  // The tray entry every kind shares: thumbnail (or page strip), name, label, progress, error.
+  itemNode(item, thumb) {
+    const { name } = item;
     const progress = el("progress", { max: 100, value: 0, "aria-label": `Uploading ${name}`, hidden: true });
     const label = el("span", { class: "attachment-label" });
     const error = el("span", { class: "attachment-error", role: "alert" });
     const remove = el("button", { type: "button", class: "attachment-remove", "aria-label": `Remove ${name}`, title: `Remove ${name}` }, "×");
     remove.addEventListener("click", () => this.remove(item));
-    const node = el(
-      "div",
-      { role: "listitem", class: "attachment", "data-state": "local" },
-      thumb,
-      el(
-        "div",
-        { class: "attachment-info" },
-        el("span", { class: "attachment-name" }, name),
-        label,
-        progress,
-        error,
-      ),
-      remove,
-    );
-    Object.assign(item, { node, img, thumb, progress, label, error, preview });
+    const info = el("div", { class: "attachment-info" }, el("span", { class: "attachment-name" }, name), label, progress, error);
+    const node = el("div", { role: "listitem", class: `attachment attachment-${item.kind}`, "data-state": item.state }, thumb, info, remove);
+    Object.assign(item, { node, info, progress, label, error });
     this.items.push(item);
     this.tray.append(node);
     this.tray.hidden = false;
+  }
+
+  setState(item, state) {
+    item.state = state;
+    item.node.dataset.state = state;
+  }
+
+  addOne(file) {
+    const name = file.name || "pasted image";
+    const item = { key: ++this.counter, kind: "image", file, name, state: "local", ids: [], edit: null };
+    const preview = URL.createObjectURL(file);
+    const img = el("img", { alt: "", src: preview });
+    img.addEventListener("error", () => img.removeAttribute("src")); // e.g. HEIC in Chromium
+    const thumb = el("button", { type: "button", class: "attachment-thumb", "aria-label": `Edit ${name}`, title: `Edit ${name}: crop, mark up, redact` }, img);
+    thumb.addEventListener("click", () => this.edit(item));
+    Object.assign(item, { img, thumb, preview });
+    this.itemNode(item, thumb);
     this.describeLocal(item);
   }
 
@@ -245,58 +253,71 @@ export class ComposerImages {
     this.describeLocal(item);
   }
 
-  upload(item) {
-    item.state = "uploading";
-    item.node.dataset.state = "uploading";
-    item.progress.hidden = false;
-    item.progress.value = 0;
-    item.label.textContent = "";
-    const body = new FormData();
-    // The edited image replaces the original entirely: the original is never sent.
-    if (item.edit?.blob) {
-      const base = item.name.replace(/\.[^.]*$/, "") || "image";
-      body.append("file", item.edit.blob, `${base}.png`);
-      if (item.edit.note) body.append("note", item.edit.note);
-    } else {
-      body.append("file", item.file, item.name);
-    }
-    const conversationId = this.getConversationId();
-    if (conversationId) body.append("conversation", conversationId);
-    body.append("model", this.getModelId());
+  // One multipart POST with upload progress; resolves with [status, parsed JSON] (or null if
+  // cancelled). Every failure becomes a message for the user.
+  post(item, url, body) {
     const xhr = new XMLHttpRequest();
     item.xhr = xhr;
-    item.done = new Promise((resolve) => {
+    item.progress.hidden = false;
+    item.progress.value = 0;
+    return new Promise((resolve) => {
       xhr.upload.addEventListener("progress", (event) => {
         if (event.lengthComputable) item.progress.value = Math.round((event.loaded / event.total) * 100);
       });
       xhr.addEventListener("load", () => {
-        let result = {};
+        item.progress.hidden = true;
+        let result;
         try {
           result = JSON.parse(xhr.responseText);
         } catch {
           result = { message: `The upload failed (HTTP ${xhr.status}).` };
         }
-        if (xhr.status === 201) this.uploaded(item, result);
-        else this.failed(item, result.message || `The upload failed (HTTP ${xhr.status}).`);
-        resolve();
+        resolve([xhr.status, result]);
       });
       xhr.addEventListener("error", () => {
-        this.failed(item, "The upload failed: the connection was lost. Remove the image and try again.");
-        resolve();
+        item.progress.hidden = true;
+        resolve([0, { message: "The upload failed: the connection was lost. Remove the file and try again." }]);
       });
-      xhr.addEventListener("abort", () => resolve());
+      xhr.addEventListener("abort", () => resolve(null));
+      xhr.open("POST", url);
+      xhr.setRequestHeader("X-CSRFToken", this.csrfToken);
+      xhr.send(body);
     });
-    xhr.open("POST", UPLOAD_URL);
-    xhr.setRequestHeader("X-CSRFToken", this.csrfToken);
-    xhr.send(body);
+  }
+
+  form(file, name) {
+    const body = new FormData();
+    body.append("file", file, name);
+    const conversationId = this.getConversationId();
+    if (conversationId) body.append("conversation", conversationId);
+    body.append("model", this.getModelId());
+    return body;
+  }
+
+  upload(item) {
+    this.setState(item, "uploading");
+    item.label.textContent = "";
+    let body;
+    // The edited image replaces the original entirely: the original is never sent.
+    if (item.edit?.blob) {
+      const base = item.name.replace(/\.[^.]*$/, "") || "image";
+      body = this.form(item.edit.blob, `${base}.png`);
+      if (item.edit.note) body.append("note", item.edit.note);
+    } else {
+      body = this.form(item.file, item.name);
+    }
+    item.done = this.post(item, UPLOAD_URL, body).then((answer) => {
+      if (!answer) return;
+      const [status, result] = answer;
+      if (status === 201) this.uploaded(item, result);
+      else this.failed(item, result.message || `The upload failed (HTTP ${status}).`);
+    });
   }
 
   uploaded(item, result) {
-    item.state = "done";
-    item.id = result.id;
-    item.node.dataset.state = "done";
+    this.setState(item, "done");
+    item.ids = [result.id];
     item.node.dataset.id = result.id;
-    item.progress.hidden = true;
     item.label.textContent = result.label;
     item.img.src = result.thumbnail_url; // what will be sent: oriented, any format shown
     item.thumb.disabled = true;
@@ -304,22 +325,98 @@ export class ComposerImages {
   }
 
   failed(item, message) {
-    item.state = "failed";
-    item.node.dataset.state = "failed";
+    this.setState(item, "failed");
     item.progress.hidden = true;
     item.error.textContent = message;
   }
 
-  remove(item) {
-    if (item.state === "uploading") item.xhr?.abort();
-    if (item.id && item.state === "done") {
-      fetch(`${UPLOAD_URL}${item.id}/`, {
-        method: "DELETE",
-        headers: { "X-CSRFToken": this.csrfToken },
-        credentials: "same-origin",
-      }).catch(() => {}); // unsent uploads also expire on the server
+  // -- PDFs: pick pages, each sent as an image --
+
+  addPdf(file) {
+    const name = file.name || "document.pdf";
+    const item = { key: ++this.counter, kind: "pdf", file, name, state: "previewing", ids: [], pages: [], picked: new Set() };
+    const strip = el("div", { class: "pdf-pages", role: "group", "aria-label": `Pages of ${name}` });
+    item.strip = strip;
+    this.itemNode(item, strip);
+    item.label.textContent = "Reading pages…";
+    item.done = this.post(item, PDF_PREVIEW_URL, this.form(file, name)).then((answer) => {
+      if (!answer) return;
+      const [status, result] = answer;
+      if (status !== 200) {
+        this.failed(item, result.message || `The PDF could not be read (HTTP ${status}).`);
+        return;
+      }
+      this.setState(item, "ready");
+      item.pages = result.pages;
+      item.max = result.max_pages;
+      item.picked = new Set(result.default_pages);
+      for (const page of result.pages) {
+        const content = page.thumbnail
+          ? el("img", { src: page.thumbnail, alt: "" })
+          : el("span", { class: "pdf-page-blank" });
+        const toggle = el("button", { type: "button", class: "pdf-page", "aria-label": `Page ${page.number}`, "aria-pressed": "false", title: `Page ${page.number}: sent as ${page.send_size}` }, content, el("span", {}, String(page.number)));
+        toggle.addEventListener("click", () => this.togglePage(item, page.number));
+        page.toggle = toggle;
+        strip.append(toggle);
+      }
+      this.describePdf(item);
+    });
+  }
+
+  togglePage(item, number) {
+    if (item.state !== "ready") return;
+    if (item.picked.has(number)) item.picked.delete(number);
+    else if (item.picked.size < item.max) item.picked.add(number);
+    this.describePdf(item);
+  }
+
+  pickedPages(item) {
+    return [...item.picked].sort((a, b) => a - b);
+  }
+
+  describePdf(item) {
+    const picked = this.pickedPages(item);
+    for (const page of item.pages) {
+      page.toggle.setAttribute("aria-pressed", String(item.picked.has(page.number)));
+      page.toggle.disabled = !item.picked.has(page.number) && item.picked.size >= item.max;
     }
-    URL.revokeObjectURL(item.preview);
+    const sizes = [...new Set(picked.map((n) => item.pages[n - 1].send_size))];
+    item.label.textContent = picked.length
+      ? `${picked.length} of ${item.pages.length} pages (${picked.join(", ")}) · each sent as an image: ${sizes.join(", ")} · up to ${item.max}`
+      : `Pick the pages to send (up to ${item.max}) or remove the PDF.`;
+  }
+
+  uploadPdf(item) {
+    const pages = this.pickedPages(item);
+    this.setState(item, "uploading");
+    const body = this.form(item.file, item.name);
+    body.append("pages", pages.join(","));
+    item.label.textContent = `Rendering ${pages.length === 1 ? "page" : "pages"} ${pages.join(", ")}…`;
+    item.done = this.post(item, UPLOAD_URL, body).then((answer) => {
+      if (!answer) return;
+      const [status, result] = answer;
+      if (status !== 201) {
+        this.failed(item, result.message || `The PDF could not be attached (HTTP ${status}).`);
+        return;
+      }
+      this.setState(item, "done");
+      item.ids = result.attachments.map((a) => a.id);
+      item.label.textContent = result.attachments.map((a) => a.label).join(" · ");
+    });
+  }
+
+  remove(item) {
+    if (item.state === "uploading" || item.state === "previewing") item.xhr?.abort();
+    if (item.state === "done") {
+      for (const id of item.ids) {
+        fetch(`${UPLOAD_URL}${id}/`, {
+          method: "DELETE",
+          headers: { "X-CSRFToken": this.csrfToken },
+          credentials: "same-origin",
+        }).catch(() => {}); // unsent uploads also expire on the server
+      }
+    }
+    if (item.preview) URL.revokeObjectURL(item.preview);
     item.node.remove();
     this.items = this.items.filter((other) => other !== item);
     this.tray.hidden = !this.items.length;
@@ -329,41 +426,44 @@ export class ComposerImages {
   // -- sending --
 
   isEmpty() {
-    return !this.items.some((item) => ["local", "uploading", "done"].includes(item.state));
+    return !this.items.some((item) => ["local", "previewing", "ready", "uploading", "done"].includes(item.state));
   }
 
-  // Uploads what is still only in the browser, waits for every upload; refuses while a failed
-  // one is in the tray (so a message never goes out without an image the user meant to send).
+  // Uploads what is still only in the browser (images, picked PDF pages), waits for every
+  // upload; refuses while a failed one is in the tray, so a message never goes out without a
+  // file the user meant to send.
   async take() {
+    const refuse = (item) => new Error(`${item.name}: ${item.error.textContent} Remove it to send.`);
     const failedBefore = this.items.find((item) => item.state === "failed");
-    if (failedBefore) throw new Error(`${failedBefore.name}: ${failedBefore.error.textContent} Remove it to send.`);
-    for (const item of this.items) if (item.state === "local") this.upload(item);
-    await Promise.all(this.items.map((item) => item.done));
-    const failed = this.items.find((item) => item.state === "failed");
-    if (failed) throw new Error(`${failed.name}: ${failed.error.textContent} Remove it to send.`);
-    const ready = this.items.filter((item) => item.state === "done");
-    for (const item of ready) {
-      item.state = "sending";
-      item.node.dataset.state = "sending";
-    }
-    return ready.map((item) => item.id);
-  }
-
-  // The server refused the send: the images stay in the tray, ready to try again.
-  restore() {
+    if (failedBefore) throw refuse(failedBefore);
+    await Promise.all(this.items.filter((item) => item.state === "previewing").map((item) => item.done));
     for (const item of this.items) {
-      if (item.state === "sending") {
-        item.state = "done";
-        item.node.dataset.state = "done";
+      if (item.state === "local") this.upload(item);
+      else if (item.state === "ready") {
+        if (!item.picked.size) throw new Error(`${item.name}: pick at least one page, or remove the PDF.`);
+        this.uploadPdf(item);
       }
     }
+    await Promise.all(this.items.map((item) => item.done));
+    const failed = this.items.find((item) => item.state === "failed");
+    if (failed) throw refuse(failed);
+    const ready = this.items.filter((item) => item.state === "done");
+    for (const item of ready) this.setState(item, "sending");
+    return ready.flatMap((item) => item.ids);
   }
 
-  // The user's message was saved with these images: clear them from the composer.
+  // The server refused the send: the files stay in the tray, ready to try again.
+  restore() {
+    for (const item of this.items) {
+      if (item.state === "sending") this.setState(item, "done");
+    }
+  }
+
+  // The user's message was saved with these files: clear them from the composer.
   sent(message) {
     const ids = new Set((message.attachments || []).map((a) => a.id));
     for (const item of [...this.items]) {
-      if (ids.has(item.id)) {
+      if (item.ids.length && item.ids.every((id) => ids.has(id))) {
         item.state = "sent";
         this.remove(item);
       }

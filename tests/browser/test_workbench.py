@@ -370,3 +370,68 @@ def test_crop_arrow_highlight_and_label_reach_the_model(page, person, upstream):
     note = content[-1]["text"]
     assert "a red arrow" in note and "a highlighted region" in note
     assert 'text label "Login"' in note and "redacted" not in note
+
+
+def test_drop_a_pdf_pick_pages_1_and_3_and_ask(page, person, upstream, tmp_path):
+    from tests.media_factories import PAGE_COLOURS, coloured_pdf
+
+    pdf = tmp_path / "diagram.pdf"
+    pdf.write_bytes(coloured_pdf(3))
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach image").click()
+    chooser.value.set_files(pdf)
+    pages = page.get_by_role("group", name="Pages of diagram.pdf")
+    # The first pages are picked by default; every page shows a thumbnail.
+    for number in (1, 2, 3):
+        expect(pages.get_by_role("button", name=f"Page {number}")).to_have_attribute(
+            "aria-pressed", "true"
+        )
+    expect(pages.locator("img")).to_have_count(3)
+    pages.get_by_role("button", name="Page 2").click()
+    expect(pages.get_by_role("button", name="Page 2")).to_have_attribute("aria-pressed", "false")
+    tray = page.get_by_role("list", name="Images to send")
+    expect(
+        tray.get_by_text(re.compile(r"2 of 3 pages \(1, 3\) · each sent as an image: 1700×2200"))
+    ).to_be_visible()
+    screenshot(page, "23-pdf-pages")
+
+    upstream.enqueue(stream_reply(["Page 3 is blue."]))
+    send(page, "What colour is page 3?")
+    expect(last_reply(page)).to_contain_text("Page 3 is blue.")
+    question = page.get_by_role("article", name="You said")
+    expect(question.get_by_role("img", name="page 1 of diagram.pdf")).to_be_visible()
+    expect(question.get_by_role("img", name="page 3 of diagram.pdf")).to_be_visible()
+    expect(
+        question.get_by_text(re.compile(r"page 3 of diagram.pdf: 1700×2200 → 1700×2200"))
+    ).to_be_visible()
+    content = upstream.chat_requests()[-1].json["messages"][-1]["content"]
+    images = [part for part in content if part["type"] == "image_url"]
+    assert len(images) == 2
+    for part, colour in zip(images, (PAGE_COLOURS[0], PAGE_COLOURS[2]), strict=True):
+        data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        assert image.size == (1700, 2200)
+        assert image.getpixel((850, 1500)) == pytest.approx(colour, abs=4)
+    assert [p["text"] for p in content if p["type"] == "text"][1:] == [
+        "The image above is page 1 of diagram.pdf.",
+        "The image above is page 3 of diagram.pdf.",
+    ]
+
+
+def test_an_encrypted_pdf_is_refused_and_blocks_the_send_until_removed(
+    page, person, upstream, tmp_path
+):
+    from tests.media_factories import minimal_pdf
+
+    pdf = tmp_path / "locked.pdf"
+    pdf.write_bytes(minimal_pdf(2, encrypt=True))
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach image").click()
+    chooser.value.set_files(pdf)
+    tray = page.get_by_role("list", name="Images to send")
+    expect(tray.get_by_role("alert")).to_have_text(re.compile(r"locked.pdf is encrypted"))
+    send(page, "Summarise it")
+    expect(page.get_by_role("alert").filter(has_text="Remove it to send")).to_be_visible()
+    assert upstream.chat_requests() == []
+    tray.get_by_role("button", name="Remove locked.pdf").click()
+    expect(tray).to_be_hidden()
