@@ -36,10 +36,12 @@ from .errors import ClientError
 from .images import ProcessedUpload, data_url, sha256_hex
 from .model_catalog import models_for_user
 from .models import Attachment, AttachmentPart, Conversation, Message, StoredImage
+from .providers.openai_compat import video_part
+from .videos import ProcessedVideo, timestamp
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "video/mp4": "mp4"}
 FILENAME_MAX = 150
 NOTE_MAX = 600
 
@@ -70,7 +72,8 @@ def _write_once(relative: str, data: bytes) -> bool:
 
 def _store(data: bytes, *, mime: str, width: int, height: int, written: list[Path]) -> StoredImage:
     digest = sha256_hex(data)
-    relative = f"images/{digest[:2]}/{digest}.{_EXTENSIONS[mime]}"
+    folder = "videos" if mime.startswith("video/") else "images"
+    relative = f"{folder}/{digest[:2]}/{digest}.{_EXTENSIONS[mime]}"
     # Locks an existing row so a concurrent conversation_delete cannot drop it under us.
     image, _ = StoredImage.objects.select_for_update().get_or_create(
         sha256=digest,
@@ -161,6 +164,68 @@ def attachment_create(
     return attachment
 
 
+def attachment_create_video(
+    *, owner, conversation: Conversation | None, filename: str, processed: ProcessedVideo
+) -> Attachment:
+    """Store a processed screen recording: its MP4, its key frames as parts (each captioned
+    with its timestamp) and a thumbnail. All or nothing, like attachment_create."""
+    written: list[Path] = []
+    try:
+        with transaction.atomic():
+            thumb_width, thumb_height = _header_size(processed.thumbnail)
+            thumbnail = _store(
+                processed.thumbnail,
+                mime="image/webp",
+                width=thumb_width,
+                height=thumb_height,
+                written=written,
+            )
+            video = _store(
+                processed.video,
+                mime="video/mp4",
+                width=processed.width,
+                height=processed.height,
+                written=written,
+            )
+            attachment = Attachment.objects.create(
+                owner=owner,
+                conversation=conversation,
+                filename=clean_filename(filename),
+                source_format=processed.source_format,
+                source_width=processed.source_width,
+                source_height=processed.source_height,
+                thumbnail=thumbnail,
+                video=video,
+                seconds=processed.seconds,
+                source_seconds=processed.source_seconds,
+            )
+            index = 0
+            for frame in processed.frames:
+                for part in frame.processed.parts:
+                    image = _store(
+                        part.data,
+                        mime=part.mime,
+                        width=part.width,
+                        height=part.height,
+                        written=written,
+                    )
+                    caption = (
+                        f"Frame at {timestamp(frame.seconds)}:"
+                        if part is frame.processed.parts[0]
+                        else ""
+                    )
+                    AttachmentPart.objects.create(
+                        attachment=attachment, index=index, image=image, caption=caption
+                    )
+                    index += 1
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    prefetch(attachment)
+    return attachment
+
+
 def prefetch(*attachments: Attachment) -> None:
     prefetch_related_objects(list(attachments), _parts_prefetch())
 
@@ -173,7 +238,9 @@ def message_attachments_prefetch() -> Prefetch:
     """For Message querysets: attachments in order, their parts and stored images (2 queries)."""
     return Prefetch(
         "attachments",
-        queryset=Attachment.objects.order_by("position", "id").prefetch_related(_parts_prefetch()),
+        queryset=Attachment.objects.order_by("position", "id")
+        .select_related("video")
+        .prefetch_related(_parts_prefetch()),
     )
 
 
@@ -212,7 +279,9 @@ def attachments_bind(
         )
     rows = {
         a.pk: a
-        for a in Attachment.objects.select_for_update()
+        # of=self: the video join is an outer join, which PostgreSQL cannot lock.
+        for a in Attachment.objects.select_for_update(of=("self",))
+        .select_related("video")
         .filter(pk__in=attachment_ids, owner=user, message__isnull=True)
         .filter(Q(conversation__isnull=True) | Q(conversation=conversation))
     }
@@ -224,18 +293,20 @@ def attachments_bind(
         )
     attachments = [rows[pk] for pk in attachment_ids]
     prefetch(*attachments)
-    parts = [part for a in attachments for part in a.parts.all()]
-    if len(parts) > settings.IMAGE_MAX_PER_MESSAGE:
+    video = bool(model and model.video)
+    count = sum(_sent_count(a, video=video) for a in attachments)
+    if count > settings.IMAGE_MAX_PER_MESSAGE:
         raise ClientError(
             "too_many_images",
             f"A message can carry at most {settings.IMAGE_MAX_PER_MESSAGE} images (a very tall "
-            f"screenshot counts once per tile); this one has {len(parts)}.",
+            f"screenshot counts once per tile, a recording sent as frames once per frame); "
+            f"this one has {count}.",
         )
-    total = sum(part.image.bytes for part in parts)
+    total = sum(_sent_bytes(a, video=video) for a in attachments)
     if total > settings.IMAGE_MAX_BYTES_PER_MESSAGE:
         raise ClientError(
             "images_too_large",
-            f"The images in one message may total at most "
+            f"The images and recordings in one message may total at most "
             f"{format_bytes(settings.IMAGE_MAX_BYTES_PER_MESSAGE)}; these are "
             f"{format_bytes(total)}. Send them in more than one message.",
         )
@@ -257,7 +328,38 @@ def attachments_bind(
     return attachments
 
 
-def user_content(message: Message, *, vision: bool) -> str | list[dict]:
+def _as_video(attachment: Attachment, *, video: bool) -> bool:
+    """A recording goes as one video part to a model that takes video, else as its frames."""
+    return video and attachment.video_id is not None
+
+
+def _sent_count(attachment: Attachment, *, video: bool) -> int:
+    return 1 if _as_video(attachment, video=video) else len(attachment.parts.all())
+
+
+def _sent_bytes(attachment: Attachment, *, video: bool) -> int:
+    if _as_video(attachment, video=video):
+        return attachment.video.bytes
+    return sum(part.image.bytes for part in attachment.parts.all())
+
+
+def _recording_text(attachment: Attachment, *, as_video: bool) -> str:
+    seconds = f"{attachment.seconds:.1f} s"
+    if attachment.source_seconds and attachment.source_seconds > (attachment.seconds or 0) + 0.05:
+        seconds += f" (the first {attachment.seconds:.1f} s of {attachment.source_seconds:.1f} s)"
+    if as_video:
+        return (
+            f"The video above is the screen recording {attachment.filename}, {seconds}, no audio."
+        )
+    frames = len(attachment.parts.all())
+    return (
+        f"The {frames} image{'s' if frames != 1 else ''} above "
+        f"{'are key frames' if frames != 1 else 'is a key frame'} (taken at scene changes, with "
+        f"their timestamps) of the screen recording {attachment.filename}, {seconds}."
+    )
+
+
+def user_content(message: Message, *, vision: bool, video: bool = False) -> str | list[dict]:
     """A user message for the request: plain text, or text then image parts in order.
 
     Needs message_attachments_prefetch(). The data URLs come from the stored processed bytes,
@@ -274,13 +376,25 @@ def user_content(message: Message, *, vision: bool) -> str | list[dict]:
     if message.content:
         parts.append({"type": "text", "text": message.content})
     for attachment in attachments:
+        if _as_video(attachment, video=video):
+            data = read_image(attachment.video)
+            if data is None:
+                parts.append({"type": "text", "text": "[recording no longer available]"})
+                continue
+            parts.append(video_part(attachment.video.mime, data))
+            parts.append({"type": "text", "text": _recording_text(attachment, as_video=True)})
+            continue
         for part in attachment.parts.all():
+            if part.caption:
+                parts.append({"type": "text", "text": part.caption})
             data = read_image(part.image)
             if data is None:
                 parts.append({"type": "text", "text": "[image no longer available]"})
             else:
                 url = data_url(data, part.image.mime)
                 parts.append({"type": "image_url", "image_url": {"url": url}})
+        if attachment.video_id is not None:
+            parts.append({"type": "text", "text": _recording_text(attachment, as_video=False)})
         if attachment.note:
             parts.append({"type": "text", "text": attachment.note})
     return parts
@@ -309,10 +423,49 @@ def attachment_label(attachment: Attachment) -> str:
     return f"{prefix}{source} → {len(parts)} tiles of up to {width}×{height}, {size}"
 
 
+def recording_label(attachment: Attachment) -> dict:
+    """Both ways a recording can be sent, for the composer to show the one the model gets."""
+    parts = [p.image for p in attachment.parts.all()]
+    seconds = f"{attachment.seconds:.1f} s"
+    if attachment.source_seconds and attachment.source_seconds > (attachment.seconds or 0) + 0.05:
+        seconds += f" of {attachment.source_seconds:.1f} s"
+    video = attachment.video
+    return {
+        "seconds": attachment.seconds,
+        "source_seconds": attachment.source_seconds,
+        "as_video": f"{seconds} → video {video.width}×{video.height}, {format_bytes(video.bytes)}",
+        "as_frames": (
+            f"{seconds} → {len(parts)} key frame{'s' if len(parts) != 1 else ''} with "
+            f"timestamps, {format_bytes(sum(p.bytes for p in parts))}"
+        ),
+        "video_bytes": video.bytes,
+        "frames": len(parts),
+    }
+
+
 def attachment_to_dict(attachment: Attachment) -> dict:
     parts = list(attachment.parts.all())
+    if attachment.video_id is not None:
+        recording = recording_label(attachment)
+        return {
+            "id": attachment.pk,
+            "kind": "recording",
+            "name": attachment.filename,
+            "label": recording["as_frames"],
+            "recording": recording,
+            "thumbnail_url": reverse("attachment-thumbnail", args=[attachment.pk]),
+            "url": reverse("attachment-image", args=[attachment.pk, 0]),
+            "part_urls": [
+                reverse("attachment-image", args=[attachment.pk, p.index]) for p in parts
+            ],
+            "source_width": attachment.source_width,
+            "source_height": attachment.source_height,
+            "bytes": recording["video_bytes"],
+            "note": attachment.note,
+        }
     return {
         "id": attachment.pk,
+        "kind": "image",
         "name": attachment.filename,
         "label": attachment_label(attachment),
         "thumbnail_url": reverse("attachment-thumbnail", args=[attachment.pk]),
@@ -343,10 +496,16 @@ def _delete_unreferenced(image_ids: set[int]) -> int:
     if not image_ids:
         return 0
     locked = list(StoredImage.objects.select_for_update().filter(pk__in=image_ids))
-    used = set(
-        AttachmentPart.objects.filter(image_id__in=image_ids).values_list("image_id", flat=True)
-    ) | set(
-        Attachment.objects.filter(thumbnail_id__in=image_ids).values_list("thumbnail_id", flat=True)
+    used = (
+        set(
+            AttachmentPart.objects.filter(image_id__in=image_ids).values_list("image_id", flat=True)
+        )
+        | set(
+            Attachment.objects.filter(thumbnail_id__in=image_ids).values_list(
+                "thumbnail_id", flat=True
+            )
+        )
+        | set(Attachment.objects.filter(video_id__in=image_ids).values_list("video_id", flat=True))
     )
     doomed = [image for image in locked if image.pk not in used]
     if not doomed:
@@ -364,6 +523,7 @@ def _delete_unreferenced(image_ids: set[int]) -> int:
 
 def _image_ids_of(attachments) -> set[int]:
     ids = set(attachments.values_list("thumbnail_id", flat=True))
+    ids |= {pk for pk in attachments.values_list("video_id", flat=True) if pk is not None}
     ids |= set(
         AttachmentPart.objects.filter(attachment__in=attachments).values_list("image_id", flat=True)
     )
@@ -408,8 +568,10 @@ def attachments_purge_unsent(*, older_than: timedelta | None = None) -> int:
         message__isnull=True, created_at__lt=timezone.now() - older_than
     )
     _, deleted = stale.delete()
-    orphans = StoredImage.objects.filter(parts__isnull=True).exclude(
-        pk__in=Attachment.objects.values("thumbnail_id")
+    orphans = (
+        StoredImage.objects.filter(parts__isnull=True)
+        .exclude(pk__in=Attachment.objects.values("thumbnail_id"))
+        .exclude(pk__in=Attachment.objects.filter(video__isnull=False).values("video_id"))
     )
     _delete_unreferenced(set(orphans.values_list("pk", flat=True)))
     return deleted.get(Attachment._meta.label, 0)

@@ -12,6 +12,9 @@
 Token counts are estimates (no tokenizer ships with the app): ~4 ASCII characters or 1 other
 character per token, images by their pixel area (about one token per 14x14 tile), calibrated by
 the last reply's real prompt_tokens when there is one. Estimates err on the large side.
+Video: Moonshot documents no rule for counting it, so a recording is estimated as one frame a
+second, each at one token per 28x28 px (the vision encoder merges 2x2 patches of 14 px), from
+the MP4's own header (length and size); a PDF page or a key frame is an image.
 """
 
 import base64
@@ -29,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ClientError
 from .models import Conversation, Message, ModelConfig
 from .providers.base import ChatRequest
+from .videos import mp4_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ SAFETY_MARGIN = 512  # our estimate is approximate; keep this much spare
 MIN_OUTPUT_TOKENS = 1024  # less than this left for the answer = refuse before calling
 IMAGE_TILE = 14 * 14
 IMAGE_FALLBACK_TOKENS = 1_500
+VIDEO_FRAMES_PER_SECOND = 1
+VIDEO_FRAME_TILE = 28 * 28
+VIDEO_FALLBACK_TOKENS = 30_000
 
 
 def text_tokens(text: str) -> int:
@@ -58,6 +65,20 @@ def image_tokens(url: str) -> int:
     return max(64, math.ceil(width * height / IMAGE_TILE))
 
 
+def video_tokens(url: str) -> int:
+    """Tokens of a data-URL MP4 (a stated estimate, see the module docstring)."""
+    try:
+        encoded = url.split(",", 1)[1]
+        summary = mp4_summary(base64.b64decode(encoded[: 256 * 1024 // 3 * 4]))
+    except (IndexError, ValueError, binascii.Error):
+        summary = None
+    if summary is None:
+        return VIDEO_FALLBACK_TOKENS
+    seconds, width, height = summary
+    frames = max(1, math.ceil(seconds * VIDEO_FRAMES_PER_SECOND))
+    return frames * max(64, math.ceil(width * height / VIDEO_FRAME_TILE))
+
+
 def estimate_messages(messages: list[dict]) -> int:
     total = 0
     for message in messages:
@@ -71,6 +92,8 @@ def estimate_messages(messages: list[dict]) -> int:
                     total += text_tokens(part.get("text", ""))
                 elif part.get("type") == "image_url":
                     total += image_tokens((part.get("image_url") or {}).get("url", ""))
+                elif part.get("type") == "video_url":
+                    total += video_tokens((part.get("video_url") or {}).get("url", ""))
         for key in ("reasoning_content", "tool_calls", "reasoning_details"):
             if message.get(key):
                 total += text_tokens(str(message[key]))

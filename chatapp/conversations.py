@@ -140,6 +140,7 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
     echo_all = bool(
         conversation.model and (conversation.model.contract or {}).get("echo_reasoning") == "all"
     )
+    video = bool(conversation.model and conversation.model.video)
     # Images: a constant number of queries whatever the history's length.
     earlier = (
         conversation.messages.filter(id__lt=before.id)
@@ -172,7 +173,8 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
                     entry["reasoning_details"] = message.reasoning_details
             messages.append(entry)
         else:
-            messages.append({"role": "user", "content": user_content(message, vision=vision)})
+            content = user_content(message, vision=vision, video=video)
+            messages.append({"role": "user", "content": content})
     return messages
 
 

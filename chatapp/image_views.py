@@ -6,7 +6,10 @@ token. A PDF (recognised from its bytes) needs `pages` ("1,3"): each page is ren
 as its own image attachment, and the answer is {"attachments": [...]}, in page order as given.
 POST /api/attachments/pdf-preview/ (multipart: file, model?) -> 200 {"page_count", "pages": [{
 "number", "send_size", "thumbnail"?}], "default_pages", "max_pages"}: the page picker's data;
-nothing is stored. An upload may come before its conversation exists (the first message of a new chat): it
+nothing is stored.
+A screen recording (MP4, MOV, WebM, recognised from its bytes) is normalised into an MP4 and
+its key frames, stored as one attachment; the answer's "recording" says both ways it may be
+sent (as video to a model that takes video, as timestamped frames to the others). An upload may come before its conversation exists (the first message of a new chat): it
 stays unbound, visible only to its uploader, until the send binds it.
 DELETE /api/attachments/<id>/ removes an unsent upload.
 GET /attachments/<id>/thumbnail/ and /attachments/<id>/image/<part>/ serve the stored bytes to
@@ -29,10 +32,11 @@ from django.http.multipartparser import MultiPartParserError
 from django.views.csrf import csrf_failure as default_csrf_failure
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import images, pdfs
+from . import images, pdfs, videos
 from .access import attachment_get_for_user, conversation_get_for_user, model_get_for_user
 from .attachments import (
     attachment_create,
+    attachment_create_video,
     attachment_delete,
     attachment_to_dict,
     attachments_purge_unsent,
@@ -66,7 +70,11 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 
 def max_upload_bytes() -> int:
     """The largest file any kind of upload accepts (each kind then checks its own limit)."""
-    return max(settings.IMAGE_MAX_UPLOAD_BYTES, settings.PDF_MAX_UPLOAD_BYTES)
+    return max(
+        settings.IMAGE_MAX_UPLOAD_BYTES,
+        settings.PDF_MAX_UPLOAD_BYTES,
+        settings.VIDEO_MAX_UPLOAD_BYTES,
+    )
 
 
 def _too_large(limit: int | None = None) -> JsonResponse:
@@ -144,18 +152,22 @@ def _parse_pages(raw: str) -> list[int]:
     return pages
 
 
-async def _in_pool(timeout: float, function, *args, **kwargs):
-    """Run in the image worker pool; a PDF that takes too long gets a clear error (the worker
-    finishes it in the background; PDFium cannot be interrupted)."""
+async def _in_pool(timeout: float, error: images.ImageError, function, *args, **kwargs):
+    """Run in the image worker pool; work that takes too long ends with `error` for the user
+    (the worker finishes it in the background: PDFium and FFmpeg cannot be interrupted)."""
     loop = asyncio.get_running_loop()
     call = loop.run_in_executor(_executor(), lambda: function(*args, **kwargs))
     try:
         return await asyncio.wait_for(call, timeout)
     except TimeoutError:
-        raise pdfs.PdfError(
-            f"The PDF took longer than {timeout:g} seconds to render. Attach fewer pages, or "
-            "screenshots of the pages you need."
-        ) from None
+        raise error from None
+
+
+def _pdf_timeout() -> pdfs.PdfError:
+    return pdfs.PdfError(
+        f"The PDF took longer than {settings.PDF_RENDER_TIMEOUT:g} seconds to render. Attach "
+        "fewer pages, or screenshots of the pages you need."
+    )
 
 
 def _resolve_target(user, conversation_id: str, model_id: str):
@@ -193,6 +205,8 @@ async def upload(request: HttpRequest) -> JsonResponse:
         )
         if pdfs.is_pdf(data):
             return await _upload_pdf(user, conversation, name, data, fields["pages"], max_edge)
+        if videos.is_video(data):
+            return await _upload_video(user, conversation, name, data, max_edge)
         if len(data) > settings.IMAGE_MAX_UPLOAD_BYTES:
             return _too_large(settings.IMAGE_MAX_UPLOAD_BYTES)
         processed = await loop.run_in_executor(_executor(), _process, data, max_edge)
@@ -209,6 +223,8 @@ async def upload(request: HttpRequest) -> JsonResponse:
         return _error(400, exc.code, exc.message)
     except pdfs.PdfError as exc:
         return _error(400, "bad_pdf", str(exc))
+    except videos.VideoError as exc:
+        return _error(400, "bad_video", str(exc))
     except images.ImageError as exc:
         return _error(400, "bad_image", str(exc))
     except Http404:
@@ -224,6 +240,7 @@ async def _upload_pdf(user, conversation, name, data, raw_pages, max_edge) -> Js
     name = clean_filename(name)
     rendered = await _in_pool(
         settings.PDF_RENDER_TIMEOUT,
+        _pdf_timeout(),
         pdfs.pdf_render_pages,
         data,
         pages,
@@ -235,6 +252,43 @@ async def _upload_pdf(user, conversation, name, data, raw_pages, max_edge) -> Js
         user=user, conversation=conversation, name=name, rendered=rendered
     )
     return JsonResponse({"attachments": stored}, status=201)
+
+
+async def _upload_video(user, conversation, name, data, max_edge) -> JsonResponse:
+    """Normalise a screen recording (video + key frames) in the worker pool and store it."""
+    if len(data) > settings.VIDEO_MAX_UPLOAD_BYTES:
+        return _too_large(settings.VIDEO_MAX_UPLOAD_BYTES)
+    timeout = settings.VIDEO_PROCESS_TIMEOUT
+    processed = await _in_pool(
+        timeout,
+        videos.VideoError(
+            f"The recording took longer than {timeout:g} seconds to prepare. Attach a shorter "
+            "or smaller one."
+        ),
+        videos.process_video,
+        data,
+        max_upload_bytes=settings.VIDEO_MAX_UPLOAD_BYTES,
+        max_seconds=settings.VIDEO_MAX_SECONDS,
+        fps=settings.VIDEO_FPS,
+        max_edge=settings.VIDEO_MAX_EDGE,
+        max_output_bytes=settings.VIDEO_MAX_OUTPUT_BYTES,
+        max_frames=settings.VIDEO_MAX_FRAMES,
+        image_max_edge=max_edge,
+        image_max_output_bytes=settings.IMAGE_MAX_OUTPUT_BYTES,
+        image_max_tiles=settings.IMAGE_MAX_TILES,
+    )
+    stored = await sync_to_async(_store_video)(
+        user=user, conversation=conversation, name=name, processed=processed
+    )
+    return JsonResponse(stored, status=201)
+
+
+def _store_video(*, user, conversation, name: str, processed: videos.ProcessedVideo) -> dict:
+    attachments_purge_unsent()
+    attachment = attachment_create_video(
+        owner=user, conversation=conversation, filename=name, processed=processed
+    )
+    return attachment_to_dict(attachment)
 
 
 @transaction.atomic
@@ -272,6 +326,7 @@ async def pdf_preview(request: HttpRequest) -> JsonResponse:
         _, max_edge = await sync_to_async(_resolve_target)(user, conversation_id, model_id)
         preview = await _in_pool(
             settings.PDF_RENDER_TIMEOUT,
+            _pdf_timeout(),
             pdfs.pdf_preview,
             data,
             name=clean_filename(name),

@@ -425,7 +425,8 @@ class UsageRecord(models.Model):
 
 
 class StoredImage(models.Model):
-    """Processed image bytes stored once under MEDIA_ROOT, addressed by their SHA-256.
+    """Processed image (or normalised video) bytes stored once under MEDIA_ROOT, addressed by
+    their SHA-256.
 
     Shared by every attachment that produced the same bytes; deleted with its file when nothing
     references it any more (attachments.py). Never served by a public URL.
@@ -468,6 +469,13 @@ class Attachment(models.Model):
     # Sent to the model as text right after the image: what the user's mark-up means ("numbered
     # markers 1-3, highlighted regions"), or which page of which PDF this is.
     note = models.TextField(blank=True)
+    # A screen recording: the normalised MP4 sent to models that take video (the parts are its
+    # key frames, sent to the others), and its length sent / uploaded.
+    video = models.ForeignKey(
+        StoredImage, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    seconds = models.FloatField(null=True, blank=True)
+    source_seconds = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -484,6 +492,8 @@ class AttachmentPart(models.Model):
     attachment = models.ForeignKey(Attachment, on_delete=models.CASCADE, related_name="parts")
     index = models.PositiveSmallIntegerField()
     image = models.ForeignKey(StoredImage, on_delete=models.PROTECT, related_name="parts")
+    # Sent as text before the image (a key frame's timestamp).
+    caption = models.CharField(max_length=200, blank=True)
 
     class Meta:
         ordering = ["index"]

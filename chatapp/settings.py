@@ -291,6 +291,16 @@ PDF_MAX_PAGE_PIXELS = env_int("PDF_MAX_PAGE_PIXELS", 40_000_000)
 # Seconds one preview or one set of pages may take to render before the user gets an error.
 PDF_RENDER_TIMEOUT = env_int("PDF_RENDER_TIMEOUT", 60)
 
+# Screen recordings (chatapp/videos.py): normalised with PyAV, sent as video to models that take
+# it and as key frames to the others. Longer recordings are trimmed to VIDEO_MAX_SECONDS.
+VIDEO_MAX_UPLOAD_BYTES = env_int("VIDEO_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
+VIDEO_MAX_SECONDS = env_int("VIDEO_MAX_SECONDS", 60)
+VIDEO_FPS = env_int("VIDEO_FPS", 10)
+VIDEO_MAX_EDGE = env_int("VIDEO_MAX_EDGE", 1280)
+VIDEO_MAX_OUTPUT_BYTES = env_int("VIDEO_MAX_OUTPUT_BYTES", 8 * 1024 * 1024)
+VIDEO_MAX_FRAMES = env_int("VIDEO_MAX_FRAMES", 8)
+VIDEO_PROCESS_TIMEOUT = env_int("VIDEO_PROCESS_TIMEOUT", 180)
+
 # Production hardening; harmless on http://127.0.0.1 because they only apply with HTTPS on.
 SECURE_HTTPS = env_bool("SECURE_HTTPS", not DEBUG and bool(env_str("SECRET_KEY")))
 SESSION_COOKIE_SECURE = SECURE_HTTPS

@@ -55,3 +55,69 @@ def coloured_pdf(pages: int = 3, *, inches=(8.5, 11)) -> bytes:
     buffer = io.BytesIO()
     frames[0].save(buffer, "PDF", save_all=True, append_images=frames[1:], resolution=dpi)
     return buffer.getvalue()
+
+
+SCENE_COLOURS = [(200, 40, 40), (40, 160, 60), (40, 80, 220), (230, 160, 20), (120, 40, 160)]
+
+
+def screen_recording(
+    seconds: float = 5,
+    *,
+    fps: int = 15,
+    size=(640, 400),
+    container: str = "mp4",
+    scene_every: float = 1.0,
+    audio: bool = False,
+) -> bytes:
+    """A clip made with PyAV: a solid "window" that changes colour every `scene_every` seconds
+    (a new scene) with a small white "cursor" moving across it; optionally a sine audio track."""
+    import math
+
+    import av
+
+    codec = {"mp4": "libx264", "mov": "libx264", "webm": "libvpx-vp9"}[container]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as output:
+        stream = output.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast"}
+        else:
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        sound = None
+        if audio:
+            sound = output.add_stream("aac" if container != "webm" else "libopus", rate=48000)
+        frames = round(seconds * fps)
+        for index in range(frames):
+            scene = int(index / fps / scene_every)
+            image = Image.new("RGB", size, SCENE_COLOURS[scene % len(SCENE_COLOURS)])
+            x = index * 4 % (size[0] - 20)
+            ImageDraw.Draw(image).rectangle((x, 40, x + 12, 52), fill=(255, 255, 255))
+            frame = av.VideoFrame.from_image(image)
+            frame.pts = index
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+        if sound is not None:
+            import array
+
+            samples = 1024
+            for block in range(int(seconds * 48000 / samples)):
+                wave = array.array(
+                    "f",
+                    [
+                        0.2 * math.sin(2 * math.pi * 440 * (block * samples + i) / 48000)
+                        for i in range(samples)
+                    ],
+                )
+                audio_frame = av.AudioFrame(format="flt", layout="mono", samples=samples)
+                audio_frame.planes[0].update(wave.tobytes())
+                audio_frame.sample_rate = 48000
+                audio_frame.pts = block * samples
+                for packet in sound.encode(audio_frame):
+                    output.mux(packet)
+            for packet in sound.encode():
+                output.mux(packet)
+    return buffer.getvalue()

@@ -27,6 +27,10 @@ export function plannedSize(width, height, maxEdge = DEFAULT_MAX_EDGE) {
   return `tiles of up to ${Math.min(short, maxEdge)}×${maxEdge}`;
 }
 
+function isVideo(file) {
+  return (file.type || "").startsWith("video/") || /\.(mp4|m4v|mov|webm)$/i.test(file.name || "");
+}
+
 function isPdf(file) {
   return file.type === "application/pdf" || /\.pdf$/i.test(file.name || "");
 }
@@ -70,7 +74,8 @@ export function renderMessageImages(bubble, attachments) {
       { href: image.url, target: "_blank", rel: "noopener", class: "message-image" },
       el("img", { src: image.thumbnail_url, alt: image.name, loading: "lazy" }),
     );
-    const caption = el("figcaption", { class: "muted small" }, image.label);
+    const label = image.recording ? `screen recording, ${image.recording.seconds.toFixed(1)} s` : image.label;
+    const caption = el("figcaption", { class: "muted small" }, label);
     if (image.note) caption.title = image.note;
     if (image.part_urls && image.part_urls.length > 1) {
       caption.append(" · ");
@@ -133,7 +138,7 @@ export class ComposerImages {
       // Still the button's description (aria-describedby reads hidden text), just not shown.
       this.note.textContent = who;
       this.note.hidden = true;
-      this.button.title = `Attach images (or paste / drop them). ${who}`;
+      this.button.title = `Attach images, PDFs or screen recordings (or paste / drop them). ${who}`;
     } else {
       this.button.disabled = true;
       this.note.textContent = `${model.name} cannot see images. ${who}`;
@@ -143,7 +148,12 @@ export class ComposerImages {
     this.refreshWarning();
   }
 
+  takesVideo() {
+    return Boolean(this.currentModel()?.video);
+  }
+
   refreshWarning() {
+    for (const item of this.items) if (item.kind === "recording" && item.recording) this.describeRecording(item);
     // Images already in the tray but a text-only model picked: say so before Send refuses.
     const model = this.currentModel();
     if (!this.canSee() && this.items.length) {
@@ -185,6 +195,7 @@ export class ComposerImages {
     this.onError("");
     for (const file of files) {
       if (isPdf(file)) this.addPdf(file);
+      else if (isVideo(file)) this.addRecording(file);
       else this.addOne(file);
     }
   }
@@ -403,6 +414,41 @@ export class ComposerImages {
       item.ids = result.attachments.map((a) => a.id);
       item.label.textContent = result.attachments.map((a) => a.label).join(" · ");
     });
+  }
+
+  // -- screen recordings: normalised on the server at once; sent as video or as key frames --
+
+  addRecording(file) {
+    const name = file.name || "recording";
+    const item = { key: ++this.counter, kind: "recording", file, name, state: "uploading", ids: [] };
+    const img = el("img", { alt: "" });
+    const thumb = el("div", { class: "attachment-thumb" }, img);
+    item.img = img;
+    this.itemNode(item, thumb);
+    item.label.textContent = `${formatBytes(file.size)} · preparing the recording…`;
+    item.done = this.post(item, UPLOAD_URL, this.form(file, name)).then((answer) => {
+      if (!answer) return;
+      const [status, result] = answer;
+      if (status !== 201) {
+        this.failed(item, result.message || `The recording could not be attached (HTTP ${status}).`);
+        return;
+      }
+      this.setState(item, "done");
+      item.ids = [result.id];
+      item.recording = result.recording;
+      img.src = result.thumbnail_url;
+      this.describeRecording(item);
+    });
+  }
+
+  // The composer says which of the two will happen before sending.
+  describeRecording(item) {
+    const model = this.currentModel();
+    const recording = item.recording;
+    item.node.dataset.sendAs = this.takesVideo() ? "video" : "frames";
+    item.label.textContent = this.takesVideo()
+      ? `Sent as video: ${recording.as_video}`
+      : `Sent as ${recording.as_frames}` + (model ? ` (${model.name} takes no video)` : "");
   }
 
   remove(item) {

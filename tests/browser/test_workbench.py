@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from tests.browser.conftest import TIMEOUT_MS, log_in, screenshot
+from tests.browser.conftest import SERVER_ENV, TIMEOUT_MS, _manage, log_in, screenshot
 from tests.browser.test_chat_page import last_reply, send
 from tests.fake_upstream import stream_reply
 
@@ -435,3 +435,83 @@ def test_an_encrypted_pdf_is_refused_and_blocks_the_send_until_removed(
     assert upstream.chat_requests() == []
     tray.get_by_role("button", name="Remove locked.pdf").click()
     expect(tray).to_be_hidden()
+
+
+def test_drop_a_screen_recording_and_ask_a_model_without_video(page, person, upstream, tmp_path):
+    from tests.media_factories import screen_recording
+
+    clip = tmp_path / "bug.mp4"
+    clip.write_bytes(screen_recording(5))
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach image").click()
+    chooser.value.set_files(clip)
+    tray = page.get_by_role("list", name="Images to send")
+    # The composer says what will happen before sending: this model takes no video.
+    expect(
+        tray.get_by_text(
+            re.compile(
+                r"Sent as 5.0 s → 5 key frames with timestamps, \d+ KB \(fake-model takes no video\)"
+            )
+        )
+    ).to_be_visible()
+    screenshot(page, "24-recording-as-frames")
+
+    upstream.enqueue(stream_reply(["The screen turns blue at 0:02."]))
+    send(page, "What went wrong in this recording?")
+    expect(last_reply(page)).to_contain_text("The screen turns blue at 0:02.")
+    expect(
+        page.get_by_role("article", name="You said").get_by_text("screen recording, 5.0 s")
+    ).to_be_visible()
+    content = upstream.chat_requests()[-1].json["messages"][-1]["content"]
+    assert [p["type"] for p in content].count("image_url") == 5
+    assert "video_url" not in [p["type"] for p in content]
+    assert [p["text"] for p in content if p["type"] == "text"][1:3] == [
+        "Frame at 0:00.0:",
+        "Frame at 0:01.0:",
+    ]
+
+
+# A model that takes video, added by staff to the OpenAI-compatible provider (last in the picker,
+# so the other scenarios' default stays `fake-model`).
+ADD_VIDEO_MODEL = """
+from chatapp.models import ModelConfig, Provider
+provider = Provider.objects.get(name="OpenAI-compatible")
+ModelConfig.objects.update_or_create(
+    provider=provider,
+    model_id="fake-video-model",
+    defaults={"display_name": "Fake video model", "vision": True, "video": True,
+              "sort_order": 60_000, "staff_overrides": ["sort_order", "video", "display_name"]},
+)
+"""
+
+
+def test_a_recording_to_a_model_that_takes_video_is_one_video_part(
+    page, person, upstream, tmp_path
+):
+    from tests.media_factories import screen_recording
+
+    _manage(SERVER_ENV, "shell", "-c", ADD_VIDEO_MODEL)
+    page.reload()
+    clip = tmp_path / "bug.webm"
+    clip.write_bytes(screen_recording(3, container="webm"))
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Attach image").click()
+    chooser.value.set_files(clip)
+    tray = page.get_by_role("list", name="Images to send")
+    expect(tray.get_by_text(re.compile(r"Sent as 3.0 s → 3 key frames"))).to_be_visible()
+    # Switching to a model that takes video changes what the composer says will happen.
+    page.get_by_role("combobox", name="Model").select_option(label="Fake video model")
+    expect(
+        tray.get_by_text(re.compile(r"Sent as video: 3.0 s → video 640×400, \d+ KB"))
+    ).to_be_visible()
+    screenshot(page, "25-recording-as-video")
+
+    upstream.enqueue(stream_reply(["The dialog closes too early."]))
+    send(page, "What went wrong?")
+    expect(last_reply(page)).to_contain_text("The dialog closes too early.")
+    request = upstream.chat_requests()[-1]
+    assert request.json["model"] == "fake-video-model"
+    content = request.json["messages"][-1]["content"]
+    assert [p["type"] for p in content] == ["text", "video_url", "text"]
+    assert content[1]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert request.headers["x-session-affinity"].startswith("ses_")
