@@ -8,7 +8,7 @@ from django.http import Http404
 
 from .errors import ClientError
 from .model_catalog import models_for_user
-from .models import Attachment, Conversation, ModelConfig
+from .models import Attachment, Batch, BatchItem, Conversation, ModelConfig
 
 
 def conversation_get_for_user(user, pk) -> Conversation:
@@ -48,3 +48,24 @@ def attachment_get_for_user(user, pk) -> Attachment:
     else:
         conversation_get_for_user(user, attachment.conversation_id)
     return attachment
+
+
+def batch_get_for_user(user, pk) -> Batch:
+    """The one access rule for a batch: like a conversation, only its owner while active sees
+    or controls it (team admins see its spend on the usage and team pages, never its items)."""
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such batch")
+    try:
+        return Batch.objects.select_related("model__provider", "team").get(pk=pk, owner=user)
+    except (Batch.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such batch") from None
+
+
+def batch_item_get_for_user(user, batch_pk, item_pk) -> BatchItem:
+    batch = batch_get_for_user(user, batch_pk)
+    try:
+        return batch.items.select_related("attachment", "batch__model", "batch__team").get(
+            pk=item_pk
+        )
+    except (BatchItem.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such item") from None

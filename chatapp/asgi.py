@@ -15,15 +15,18 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from .image_views import upload_size_guard  # noqa: E402
 from .reaper import with_reaper  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
+from .tasks import with_batch_worker  # noqa: E402
 
-application = with_reaper(
-    ProtocolTypeRouter(
-        {
-            "http": upload_size_guard(django_asgi_app),
-            "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-            ),
-        }
+application = with_batch_worker(
+    with_reaper(
+        ProtocolTypeRouter(
+            {
+                "http": upload_size_guard(django_asgi_app),
+                "websocket": AllowedHostsOriginValidator(
+                    AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+                ),
+            }
+        )
     )
 )
 

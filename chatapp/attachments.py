@@ -565,7 +565,9 @@ def attachments_purge_unsent(*, older_than: timedelta | None = None) -> int:
     if older_than is None:
         older_than = timedelta(hours=settings.IMAGE_UNSENT_TTL_HOURS)
     stale = Attachment.objects.filter(
-        message__isnull=True, created_at__lt=timezone.now() - older_than
+        message__isnull=True,
+        batch_item__isnull=True,  # a batch's images live as long as the batch
+        created_at__lt=timezone.now() - older_than,
     )
     _, deleted = stale.delete()
     orphans = (

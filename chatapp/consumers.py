@@ -11,10 +11,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from . import context_window, events, generation
-from .access import conversation_get_for_user, model_get_for_user
+from . import batches, context_window, events, generation
+from .access import batch_get_for_user, conversation_get_for_user, model_get_for_user
 from .conversations import conversation_set_model, last_reply
 from .errors import ClientError
+from .models import Batch
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +224,76 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def layer_probe(self, event: dict) -> None:
         """Another socket joining this conversation checked its subscription: nothing to do."""
+
+
+class BatchConsumer(AsyncJsonWebsocketConsumer):
+    """Live progress of one batch: its owner's sockets get "batch.state" on connect and the
+    runner's "batch.item" / "batch.status" frames (protocol in chatapp/events)."""
+
+    batch_id: int | None = None
+
+    # ---- socket hooks ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            batch = await database_sync_to_async(batch_get_for_user)(
+                user, self.scope["url_route"]["kwargs"]["batch_id"]
+            )
+        except Http404:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        try:
+            await events.batch_socket_join(socket=self, batch_id=batch.pk, user_id=user.pk)
+        except Exception as exc:
+            log.warning("batch socket refused, channel layer unavailable: %r", exc)
+            await self.close(code=CLOSE_TRY_AGAIN)
+            return
+        self.batch_id = batch.pk
+        await self.accept()
+        await self.send_state()
+
+    async def disconnect(self, code: int) -> None:
+        if self.batch_id is not None:
+            await events.batch_socket_leave(
+                socket=self, batch_id=self.batch_id, user_id=self.scope["user"].pk
+            )
+
+    async def receive_json(self, content: dict, **kwargs) -> None:
+        handler = {"state": self.handle_state, "ping": self.handle_ping}.get(
+            content.get("type") if isinstance(content, dict) else None
+        )
+        if handler is None:
+            await self.send_json(
+                events.frame_error(code="unknown_type", message="Unknown frame type.")
+            )
+            return
+        await handler(content)
+
+    # ---- client commands ---------------------------------------------------------------------
+
+    async def handle_state(self, content: dict) -> None:
+        await self.send_state()
+
+    async def handle_ping(self, content: dict) -> None:
+        await self.send_json(events.frame_pong())
+
+    async def send_state(self) -> None:
+        try:
+            await database_sync_to_async(batch_get_for_user)(self.scope["user"], self.batch_id)
+            state = await database_sync_to_async(batches.batch_state)(batch_id=self.batch_id)
+        except (Http404, Batch.DoesNotExist):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self.send_json(events.frame_batch_state(state=state))
+
+    # ---- channel-layer events ----------------------------------------------------------------
+
+    async def batch_frame(self, event: dict) -> None:
+        await self.send(text_data=event["text"])
+
+    async def user_force_close(self, event: dict) -> None:
+        await self.close(code=CLOSE_UNAUTHENTICATED)

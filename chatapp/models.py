@@ -113,6 +113,16 @@ class ModelConfig(models.Model):
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.STAFF)
     # Names of the fields staff changed in the admin: the catalog sync never writes them.
     staff_overrides = models.JSONField(default=list, blank=True, editable=False)
+    structured_output = models.CharField(
+        max_length=16,
+        choices=[
+            ("auto", "Automatic (from the catalog family)"),
+            ("json_schema", "JSON schema (response_format json_schema)"),
+            ("json_object", "JSON object only (validated by the app)"),
+        ],
+        default="auto",
+        help_text="How batch answers with fields ask for JSON (chatapp/batches.py).",
+    )
 
     class Meta:
         ordering = ["sort_order", "display_name"]
@@ -407,6 +417,15 @@ class UsageRecord(models.Model):
     # Set when the provider answered with another model (priced at that model's prices).
     served_model = models.CharField(max_length=200, blank=True)
     status = models.CharField(max_length=16, blank=True)
+    # Set for an item of a batch (chatapp/batches.py): one record per answered item.
+    batch = models.ForeignKey(
+        "Batch", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    # One per answered item (a retried failure adds one more, each run answered exactly once).
+    batch_item = models.ForeignKey(
+        "BatchItem", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage"
+    )
+    batch_name = models.CharField(max_length=200, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
@@ -535,3 +554,93 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name or '-'} {self.action}"
+
+
+class Batch(models.Model):
+    """One question over many images, run item by item by a task worker (chatapp/batches.py).
+
+    Its owner's only, like a conversation; charged to the team it was started under.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        PAUSED = "paused", "Paused"
+        BUDGET = "budget", "Paused: budget reached"
+        COMPLETE = "complete", "Complete"
+        CANCELLED = "cancelled", "Cancelled"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches"
+    )
+    team = models.ForeignKey(
+        Team, on_delete=models.SET_NULL, null=True, blank=True, related_name="batches"
+    )
+    model = models.ForeignKey(ModelConfig, on_delete=models.SET_NULL, null=True, blank=True)
+    name = models.CharField(max_length=200, blank=True)
+    question = models.TextField()
+    # [{"name", "type": text|number|date|yesno|choice, "description", "choices": [...]}]
+    fields = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    # "live" (items through the chat API in the provider gate) or "workers_ai" (queueRequest).
+    mode = models.CharField(max_length=16, default="live")
+    estimate = models.JSONField(default=dict, blank=True)
+    affinity_id = models.CharField(
+        max_length=40, unique=True, default=new_affinity_id, editable=False
+    )
+    # The runner's heartbeat: a batch still running whose lease ran out lost its worker and is
+    # queued again (batches.batches_recover).
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "lease_expires_at"])]
+
+    def __str__(self) -> str:
+        return self.name or f"Batch {self.pk}"
+
+
+class BatchItem(models.Model):
+    """One image of a batch and its answer. Answered once: only the claim holder's save lands."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUBMITTED = "submitted", "Submitted"  # in a provider's async batch (request_id)
+        DONE = "done", "Done"
+        INVALID = "invalid", "Invalid answer"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveIntegerField()
+    attachment = models.OneToOneField(
+        "Attachment", on_delete=models.SET_NULL, null=True, blank=True, related_name="batch_item"
+    )
+    filename = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    answer = models.TextField(blank=True)  # the text answer, or the raw JSON when fields are set
+    values = models.JSONField(null=True, blank=True)  # the validated fields
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    # The claim: who runs it now, until when (a dead worker's items are claimed again).
+    claim = models.CharField(max_length=64, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    request_id = models.CharField(max_length=100, blank=True)  # the provider's async batch id
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["position", "id"]
+        indexes = [models.Index(fields=["batch", "status"])]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "position"], name="unique_batch_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}/{self.position}"

@@ -114,6 +114,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    # Background jobs (batches): Django's Tasks framework backported to 5.2, database backend.
+    "django_tasks",
+    "django_tasks_db",
     "chatapp",
 ]
 
@@ -368,3 +371,22 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
+
+# ---- batches (chatapp/batches.py) ----------------------------------------------------------------
+# Jobs run on Django's Tasks framework (the django-tasks backport) with its database backend: the
+# queue lives in the app's own database (SQLite or PostgreSQL), so the embedded default needs no
+# broker. Workers are `manage.py batch_worker` processes; `manage.py start` runs one inside the
+# server process (BATCH_WORKER=embedded).
+TASKS = {
+    "default": {
+        "BACKEND": "django_tasks_db.DatabaseBackend",
+        "QUEUES": ["default", "batches"],
+    }
+}
+BATCH_WORKER = env_str("BATCH_WORKER", "external")  # "embedded": a worker thread in the server
+BATCH_MAX_ITEMS = env_int("BATCH_MAX_ITEMS", 500)
+BATCH_MAX_UPLOAD_BYTES = env_int("BATCH_MAX_UPLOAD_BYTES", 200 * 1024 * 1024)
+BATCH_CONCURRENCY = env_int("BATCH_CONCURRENCY", 4)
+BATCH_LEASE_SECONDS = env_float("BATCH_LEASE_SECONDS", 30.0)
+BATCH_ITEM_SECONDS = env_float("BATCH_ITEM_SECONDS", 10.0)
+BATCH_POLL_INTERVAL = env_float("BATCH_POLL_INTERVAL", 5.0)

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from . import account_views, image_views, library_views, oidc_views, views
+from . import account_views, batch_views, image_views, library_views, oidc_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -74,6 +74,27 @@ urlpatterns = [
     path("usage.csv", account_views.usage_csv, name="usage-csv"),
     path("audit/", account_views.audit_log, name="audit"),
     path("audit.csv", account_views.audit_csv, name="audit-csv"),
+    path("batches/", batch_views.batch_page, name="batches"),
+    path("batches/<int:pk>/", batch_views.batch_page, name="batch"),
+    path("api/batches/files", batch_views.batch_files, name="batch-files"),
+    path("api/batches/estimate", batch_views.batch_estimate, name="batch-estimate"),
+    path("api/batches/", batch_views.batch_create, name="batch-create"),
+    path("api/batches/<int:pk>/delete", batch_views.batch_delete, name="batch-delete"),
+    path("api/batches/<int:pk>/<str:action>", batch_views.batch_action, name="batch-action"),
+    path(
+        "api/batches/<int:pk>/items/<int:item_pk>/open",
+        batch_views.batch_item_open,
+        name="batch-item-open",
+    ),
+    path("batches/<int:pk>/export.csv", batch_views.batch_export_csv, name="batch-export-csv"),
+    path(
+        "batches/<int:pk>/export-excel.csv",
+        batch_views.batch_export_excel,
+        name="batch-export-excel",
+    ),
+    path(
+        "batches/<int:pk>/export.jsonl", batch_views.batch_export_jsonl, name="batch-export-jsonl"
+    ),
     path("healthz", views.healthz, name="healthz"),
     # The admin's log-out, through the app's view so it is audited too (matched before admin's).
     path(

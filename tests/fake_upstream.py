@@ -141,6 +141,9 @@ class FakeUpstream:
         # (monotonic time, bytes) of every body part written: what the app had been sent by when.
         self.sent: list[tuple[float, bytes]] = []
         self._queue: list[FakeResponse] = []
+        # Optional: request -> response (or None for the queue / default), for tests whose
+        # requests arrive in no fixed order (batch items answered by several lanes).
+        self.responder = None
         self.default_tokens = ["Hello", " from", " the", " fake", " model", "."]
         # `GET .../models` answers this list (OpenAI shape) without touching the queue; None
         # answers 404, as a server without a model list does.
@@ -163,6 +166,7 @@ class FakeUpstream:
     def reset(self) -> None:
         with self._lock:
             self._queue.clear()
+            self.responder = None
             self.requests.clear()
             self.sent.clear()
             self.models = None
@@ -212,7 +216,12 @@ class FakeUpstream:
             body = await reader.readexactly(length) if length else b""
             with self._lock:
                 self.requests.append(RecordedRequest(method, path, headers, body))
-                if method == "GET" and path.endswith("/models"):
+                response = None
+                if self.responder and path.endswith("/chat/completions"):
+                    response = self.responder(self.requests[-1])
+                if response is not None:
+                    pass
+                elif method == "GET" and path.endswith("/models"):
                     response = self._model_list()
                 else:
                     response = (

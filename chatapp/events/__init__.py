@@ -35,6 +35,19 @@ Server frames (seq: only "delta" carries one; every other frame is harmless when
 - "pong".
 "context" is {used, window, percent, budget, cache_hit_rate}: how full the context window is.
 
+Batch sockets (consumers.BatchConsumer, /ws/batches/<id>/; every socket watching a batch, in any
+process, is in `batch.<id>`; the runner publishes from whichever worker runs it):
+- client "state": ask for a fresh "batch.state"; "ping": answered with "pong".
+- "batch.state" {batch, items}: sent on connect and on request. `batch` is {id, name, status,
+  status_text, progress: {total, ended, counts, tokens, cost_usd, cache_share, cache_saved_usd},
+  estimate, ...}; `items` every item's current form (status, answer or values, tokens, cost).
+- "batch.item" {item, batch}: one item changed (started, answered, failed, cancelled), with the
+  batch's progress after it. Render by item id: a repeated or late frame is harmless.
+- "batch.status" {batch}: the batch started, paused, reached its budget, completed or was
+  cancelled.
+Batch frames are best effort (a layer outage may drop one): the page asks for "state" on
+reconnect, on "layer.up" and every few seconds while the batch runs.
+
 Publishing on the streaming path never raises into the reply: `publish` reports failure,
 `deliver` retries with backoff until the layer takes the frame. Frames are encoded to JSON once
 here, so a consumer forwards text without re-encoding it per token.
@@ -73,6 +86,10 @@ def generation_group(message_id: int) -> str:
 
 def user_group(user_id: int) -> str:
     return f"user.{user_id}"
+
+
+def batch_group(batch_id: int) -> str:
+    return f"batch.{batch_id}"
 
 
 # ---- frames ------------------------------------------------------------------------------------
@@ -153,6 +170,18 @@ def frame_layer(*, up: bool) -> dict:
     return {"type": "layer.up" if up else "layer.down"}
 
 
+def frame_batch_state(*, state: dict) -> dict:
+    return {"type": "batch.state", **state}
+
+
+def frame_batch_item(*, item: dict, batch: dict) -> dict:
+    return {"type": "batch.item", "item": item, "batch": batch}
+
+
+def frame_batch_status(*, batch: dict) -> dict:
+    return {"type": "batch.status", "batch": batch}
+
+
 # ---- publishing to a conversation ------------------------------------------------------------
 
 
@@ -215,6 +244,39 @@ async def reply_end(*, message) -> None:
         log.exception("context meter for reply %s failed", message.pk)
         context = None
     await deliver(message.conversation_id, frame_reply_end(message=message, context=context))
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+
+async def batch_publish(batch_id: int, frame: dict) -> bool:
+    """Best effort: one frame to every socket watching the batch; False when the layer failed."""
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await get_channel_layer().group_send(
+                batch_group(batch_id), {"type": "batch.frame", "text": encode(frame)}
+            )
+    except Exception as exc:
+        log.info("batch %s frame %s not published: %r", batch_id, frame["type"], exc)
+        return False
+    return True
+
+
+async def batch_socket_join(*, socket, batch_id: int, user_id: int) -> None:
+    layer = get_channel_layer()
+    await layer.group_add(batch_group(batch_id), socket.channel_name)
+    await layer.group_add(user_group(user_id), socket.channel_name)
+    _watch().add(socket)
+
+
+async def batch_socket_leave(*, socket, batch_id: int, user_id: int) -> None:
+    _watch().discard(socket)
+    layer = get_channel_layer()
+    try:
+        await layer.group_discard(batch_group(batch_id), socket.channel_name)
+        await layer.group_discard(user_group(user_id), socket.channel_name)
+    except Exception as exc:
+        log.info("batch socket leave during a channel-layer outage: %r", exc)
 
 
 # ---- sockets -----------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ class ChatRequest:
     # assistant turns echo their reasoning. Empty = a plain OpenAI-compatible model.
     contract: dict = field(default_factory=dict)
     reasoning_effort: str | None = None  # sent only when the contract allows this value
+    # Structured output (batches): {"type": "json_schema", ...} or {"type": "json_object"}.
+    response_format: dict | None = None
 
     @property
     def thinking_param(self) -> bool | None:

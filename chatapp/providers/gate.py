@@ -11,6 +11,10 @@ Two implementations behind `provider_slot()`:
   sorted set of waiters ordered by a ticket counter, and a Lua script that lets only the head of
   the line take a free slot. Waiters poll, so no wake-up is ever lost between processes.
 
+Priority: chat sends (priority 0) wait ahead of batch items (priority 1, chatapp/batch_runner.py)
+in both lines, so a running batch never makes people chatting wait behind hundreds of items;
+within one priority the line stays first come, first served.
+
 `GatedClient` wraps a provider client for one reply: it holds a slot for each attempt and shows
 staff the fuller message of an error (e.g. which key is invalid).
 """
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 OnWait = Callable[[int], Awaitable[None]]
 LEASE_SECONDS = 30.0
 POLL_SECONDS = 0.2
+CHAT, BATCH = 0, 1  # priorities: lower goes first
+# Redis line scores: a ticket (a counter) plus this per priority step, so every chat waiter ranks
+# ahead of every batch waiter (scores stay exact integers well below 2**53).
+PRIORITY_STEP = 10**12
 
 
 def ordinal(n: int) -> str:
@@ -46,6 +54,7 @@ class _LocalLine:
     def __init__(self) -> None:
         self.active = 0
         self.waiters: list[object] = []
+        self.priority: dict[object, int] = {}
         self.cond = asyncio.Condition()
 
 
@@ -55,11 +64,17 @@ _local: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _LocalLi
 
 
 @asynccontextmanager
-async def _local_slot(key: str, limit: int, on_wait: OnWait):
+async def _local_slot(key: str, limit: int, on_wait: OnWait, priority: int = CHAT):
     line = _local.setdefault(asyncio.get_running_loop(), {}).setdefault(key, _LocalLine())
     me = object()
     async with line.cond:
-        line.waiters.append(me)
+        # Ahead of every waiter of a lower priority (a chat send passes queued batch items).
+        place = next(
+            (i for i, w in enumerate(line.waiters) if line.priority[w] > priority),
+            len(line.waiters),
+        )
+        line.waiters.insert(place, me)
+        line.priority[me] = priority
         told = None
         try:
             while not (line.waiters[0] is me and line.active < limit):
@@ -70,9 +85,11 @@ async def _local_slot(key: str, limit: int, on_wait: OnWait):
                 await line.cond.wait()
         except BaseException:
             line.waiters.remove(me)
+            line.priority.pop(me, None)
             line.cond.notify_all()
             raise
         line.waiters.pop(0)
+        line.priority.pop(me, None)
         line.active += 1
         waited = told is not None
         line.cond.notify_all()  # the next in line may also fit
@@ -133,11 +150,11 @@ class RedisLine:
         self.ticket_key = f"{prefix}:ticket"
         self.script = client.register_script(ACQUIRE)
 
-    async def _enqueue(self, me: str) -> None:
+    async def _enqueue(self, me: str, priority: int = CHAT) -> None:
         ticket = await self.client.incr(self.ticket_key)
         expiry = (time.time() + LEASE_SECONDS) * 1000
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.keys[1], {me: ticket})
+            pipe.zadd(self.keys[1], {me: ticket + priority * PRIORITY_STEP})
             pipe.zadd(self.keys[2], {me: expiry})
             await pipe.execute()
 
@@ -160,9 +177,9 @@ class RedisLine:
             await self.client.zadd(self.keys[0], {me: expiry}, xx=True)
 
     @asynccontextmanager
-    async def slot(self, limit: int, on_wait: OnWait):
+    async def slot(self, limit: int, on_wait: OnWait, priority: int = CHAT):
         me = uuid.uuid4().hex
-        await self._enqueue(me)
+        await self._enqueue(me, priority)
         told = None
         try:
             while True:
@@ -170,7 +187,7 @@ class RedisLine:
                 if position == 0:
                     break
                 if position < 0:  # we looked dead (a long pause): take a new ticket
-                    await self._enqueue(me)
+                    await self._enqueue(me, priority)
                     continue
                 if position != told:
                     told = position
@@ -193,17 +210,18 @@ class RedisLine:
 
 
 @asynccontextmanager
-async def provider_slot(*, key: str, limit: int, on_wait: OnWait):
+async def provider_slot(*, key: str, limit: int, on_wait: OnWait, priority: int = CHAT):
     """Hold one of `limit` slots for `key` while inside; wait in line (told the position via
-    `on_wait(n)`, and `on_wait(0)` once through) when all are taken. limit 0 = no limit."""
+    `on_wait(n)`, and `on_wait(0)` once through) when all are taken. limit 0 = no limit.
+    A waiter of priority CHAT goes ahead of every waiter of priority BATCH."""
     if limit <= 0:
         yield
         return
     if settings.REDIS_URL:
-        async with RedisLine(_redis_client(), key).slot(limit, on_wait):
+        async with RedisLine(_redis_client(), key).slot(limit, on_wait, priority):
             yield
     else:
-        async with _local_slot(key, limit, on_wait):
+        async with _local_slot(key, limit, on_wait, priority):
             yield
 
 
@@ -218,16 +236,20 @@ class GatedClient(ProviderClient):
         limit: int,
         on_wait: OnWait,
         staff: bool = False,
+        priority: int = CHAT,
     ) -> None:
         self.inner = inner
         self.key = key
         self.limit = limit
         self.on_wait = on_wait
         self.staff = staff
+        self.priority = priority
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         try:
-            async with provider_slot(key=self.key, limit=self.limit, on_wait=self.on_wait):
+            async with provider_slot(
+                key=self.key, limit=self.limit, on_wait=self.on_wait, priority=self.priority
+            ):
                 async for item in self.inner.stream(request):
                     yield item
         except ProviderError as exc:

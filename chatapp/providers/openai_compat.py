@@ -257,6 +257,8 @@ class OpenAICompatClient(ProviderClient):
         effort = request.effort_param
         if effort is not None:
             body["reasoning_effort"] = effort  # K3: only a non-default value the family lists
+        if request.response_format:
+            body["response_format"] = request.response_format
         return body
 
     def headers(self, request: ChatRequest) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """`manage.py start`: migrate, make the cache table, collect static files, seed providers, make sure an administrator
-exists, then serve with daphne. The README's first command ends with it."""
+exists, then serve with daphne, with one batch worker inside it (BATCH_WORKER=embedded). The
+README's first command ends with it."""
 
 import os
 import secrets
@@ -34,6 +35,9 @@ class Command(BaseCommand):
         url = f"http://{host}:{port}/"
         self.stdout.write(self.style.SUCCESS(f"Serving on {url} (Ctrl+C to stop)"))
         sys.stdout.flush()
+        # One batch worker inside this server process (chatapp/tasks.py), unless a separate
+        # `manage.py batch_worker` is run instead (BATCH_WORKER=external).
+        os.environ.setdefault("BATCH_WORKER", "embedded")
         argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port)]
         argv.append(settings.ASGI_APPLICATION.replace(".application", ":application"))
         os.execv(sys.executable, argv)

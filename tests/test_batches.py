@@ -1,0 +1,397 @@
+"""Batches end to end: the page's API, a real worker (django_tasks_db's Worker running the job),
+the fake upstream over HTTP, the usage records, exports and the live socket."""
+
+import asyncio
+import csv
+import io
+import json
+import threading
+import time
+import zipfile
+from decimal import Decimal
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from chatapp import tasks
+from chatapp.asgi import application
+from chatapp.batch_runner import batch_run
+from chatapp.models import Batch, BatchItem, ModelConfig, Provider, UsageRecord
+from tests.conftest import ORIGIN, receive_until, session_cookie
+from tests.factories import team_create, user_create
+from tests.fake_upstream import error_response, stream_reply
+from tests.image_factories import encode, screenshot
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FIELDS = [
+    {"name": "vendor", "type": "text", "description": "who sold it"},
+    {"name": "total", "type": "number", "description": "amount paid"},
+    {"name": "date", "type": "date"},
+]
+
+
+def _png(i: int) -> bytes:
+    # A different size per image: each item's request carries different image bytes.
+    return encode(screenshot(64 + i, 48), "PNG")
+
+
+def _client(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _upload(client: Client, count: int) -> list[int]:
+    """One zip holding `count` images, through the Batch page's upload endpoint."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"receipts/r{i:03}.png", _png(i))
+        archive.writestr("__MACOSX/._r000.png", b"junk")
+    response = client.post(
+        "/api/batches/files",
+        {"file": io.BytesIO(buffer.getvalue())},
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["errors"] == []
+    return [image["id"] for image in body["images"]]
+
+
+def _model(*, structured: str = "json_schema", limit: int = 0) -> ModelConfig:
+    model = ModelConfig.objects.get(model_id="fake-model")
+    model.structured_output = structured
+    model.price_input = Decimal("1.00")
+    model.price_cached_input = Decimal("0.10")
+    model.price_output = Decimal("4.00")
+    model.save()
+    Provider.objects.filter(pk=model.provider_id).update(max_concurrency=limit)
+    return ModelConfig.objects.select_related("provider").get(pk=model.pk)
+
+
+def _json_reply(values: dict, *, prompt=1000, cached=800, completion=30):
+    return stream_reply(
+        [json.dumps(values)],
+        usage={"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached},
+    )
+
+
+def _item_index(request, index_by_image: dict) -> int | None:
+    body = request.json
+    for message in body.get("messages", []):
+        if isinstance(message.get("content"), list):
+            for part in message["content"]:
+                if part.get("type") == "image_url":
+                    return index_by_image.get(part["image_url"]["url"][-200:])
+    return None
+
+
+def _index_by_image(batch: Batch) -> dict:
+    from chatapp.attachments import read_image
+    from chatapp.images import data_url
+
+    out = {}
+    for item in batch.items.select_related("attachment").all():
+        part = item.attachment.parts.select_related("image").first()
+        out[data_url(read_image(part.image), part.image.mime)[-200:]] = item.position
+    return out
+
+
+def run_worker_until_idle() -> None:
+    """django_tasks_db's own Worker (as `manage.py batch_worker` runs it), in batch mode: every
+    queued job, then return."""
+    worker = tasks.make_worker(worker_id="test-worker", interval=0.05)
+    worker.batch = True
+    worker.run()
+
+
+def _create(client: Client, **payload):
+    return client.post("/api/batches/", json.dumps(payload), content_type="application/json")
+
+
+def test_fifty_images_three_fields_complete_with_invalid_and_429(fake_upstream):
+    user = user_create()
+    client = _client(user)
+    model = _model(structured="json_schema")
+    ids = _upload(client, 50)
+    assert len(ids) == 50
+    estimate = client.post(
+        "/api/batches/estimate",
+        json.dumps(
+            {"model": model.pk, "question": "Read the receipt.", "fields": FIELDS, "images": ids}
+        ),
+        content_type="application/json",
+    ).json()
+    assert estimate["items"] == 50 and estimate["fits_budget"] and estimate["prompt_tokens"] > 0
+    response = _create(
+        client, model=model.pk, question="Read the receipt.", fields=FIELDS, images=ids, name="R"
+    )
+    assert response.status_code == 201, response.content
+    batch = Batch.objects.get(pk=response.json()["id"])
+    index = _index_by_image(batch)
+    seen: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def responder(request):
+        position = _item_index(request, index)
+        if position is None:
+            return None
+        with lock:
+            seen[position] = seen.get(position, 0) + 1
+            n = seen[position]
+        if position == 7:  # invalid JSON twice
+            return stream_reply(["{not json"], usage={"prompt_tokens": 900, "completion_tokens": 5})
+        if position == 13 and n == 1:  # a 429, then an answer
+            return error_response(429, "slow down", "rate_limit_reached_error")
+        return _json_reply(
+            {"vendor": f"Shop {position}", "total": position + 0.5, "date": "2026-11-30"}
+        )
+
+    fake_upstream.responder = responder
+    run_worker_until_idle()
+
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.COMPLETE
+    items = {i.position: i for i in batch.items.all()}
+    assert items[7].status == BatchItem.Status.INVALID
+    assert items[7].answer == "{not json"  # the raw answer is kept
+    assert seen[7] == 2  # retried once with the validation error
+    retry_body = [r.json for r in fake_upstream.chat_requests() if _item_index(r, index) == 7][-1]
+    assert "not valid JSON" in retry_body["messages"][-1]["content"]
+    assert items[13].status == BatchItem.Status.DONE and seen[13] == 2  # the 429 was retried
+    assert all(items[p].status == BatchItem.Status.DONE for p in items if p != 7)
+    assert items[3].values == {"vendor": "Shop 3", "total": 3.5, "date": "2026-11-30"}
+    # The structured-output request: json_schema, question first, image last, one affinity id.
+    body = fake_upstream.chat_requests()[0].json
+    assert body["response_format"]["type"] == "json_schema"
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["vendor", "total", "date"]
+    content = body["messages"][0]["content"]
+    assert content[0]["type"] == "text" and content[0]["text"].startswith("Read the receipt.")
+    assert content[-1]["type"] == "image_url"
+    affinity = {r.headers.get("x-session-affinity") for r in fake_upstream.chat_requests()}
+    assert affinity == {batch.affinity_id}
+    # Exactly one usage record per item, charged as a batch.
+    records = UsageRecord.objects.filter(batch=batch)
+    assert records.count() == 50
+    assert sorted(records.values_list("batch_item__position", flat=True)) == list(range(1, 51))
+    # The CSV: 50 rows, the fields as columns.
+    csv_response = client.get(f"/batches/{batch.pk}/export.csv")
+    rows = list(csv.reader(io.StringIO(csv_response.content.decode())))
+    assert rows[0][:6] == ["item", "file", "status", "vendor", "total", "date"]
+    assert len(rows) == 51
+    assert rows[3][:6] == ["3", "r002.png", "done", "Shop 3", "3.5", "2026-11-30"]
+    assert rows[7][2] == "invalid" and rows[7][rows[0].index("raw_answer")] == "{not json"
+    excel = client.get(f"/batches/{batch.pk}/export-excel.csv").content
+    assert excel.startswith("\ufeff".encode()) and b"\r\n" in excel
+    jsonl = client.get(f"/batches/{batch.pk}/export.jsonl").content.decode().splitlines()
+    assert len(jsonl) == 50 and json.loads(jsonl[2])["values"]["vendor"] == "Shop 3"
+    # Progress: cache share and the money it saved.
+    state = client.get(f"/batches/{batch.pk}/")
+    assert state.status_code == 200
+
+
+def test_json_object_model_gets_the_schema_in_the_prompt(fake_upstream):
+    user = user_create()
+    client = _client(user)
+    model = _model(structured="json_object")
+    ids = _upload(client, 2)
+    fake_upstream.responder = lambda r: _json_reply({"vendor": "A", "total": "12.00", "date": None})
+    response = _create(client, model=model.pk, question="Q?", fields=FIELDS, images=ids)
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    body = fake_upstream.chat_requests()[0].json
+    assert body["response_format"] == {"type": "json_object"}
+    assert "- total: number" in body["messages"][0]["content"][0]["text"]
+    assert [i.values for i in batch.items.all()] == [
+        {"vendor": "A", "total": 12.0, "date": None}
+    ] * 2
+
+
+def test_text_answers_and_follow_up_conversation(fake_upstream):
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    ids = _upload(client, 3)
+    response = _create(client, model=model.pk, question="Describe it.", images=ids)
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    item = batch.items.first()
+    assert item.status == "done" and item.answer == "Hello from the fake model."
+    assert "response_format" not in fake_upstream.chat_requests()[0].json
+    opened = client.post(f"/api/batches/{batch.pk}/items/{item.pk}/open")
+    assert opened.status_code == 201
+    page = client.get(opened.json()["url"])
+    assert page.status_code == 200
+    assert "Describe it." in page.content.decode()
+    assert "Hello from the fake model." in page.content.decode()
+
+
+def test_over_budget_is_refused_and_crossing_it_pauses(fake_upstream):
+    user = user_create()
+    team = team_create(members=[user], monthly_budget_usd=Decimal("0.01"))
+    client = _client(user)
+    model = _model()
+    ids = _upload(client, 30)
+    refused = _create(client, model=model.pk, question="Q?", fields=FIELDS, images=ids)
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "budget_exceeded"
+    assert "not started" in refused.json()["message"]
+    assert not Batch.objects.exists()
+    # Budget enough for the estimate, but each answer costs far more than estimated.
+    team.monthly_budget_usd = Decimal("1.00")
+    team.save()
+    fake_upstream.responder = lambda r: _json_reply(
+        {"vendor": "A", "total": 1, "date": None}, prompt=100_000, cached=0, completion=10
+    )
+    response = _create(client, model=model.pk, question="Q?", fields=FIELDS, images=ids[:20])
+    assert response.status_code == 201, response.content
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.status == Batch.Status.BUDGET
+    done = batch.items.filter(status="done").count()
+    assert 0 < done < 20
+    assert batch.items.filter(status="pending").count() == 20 - done
+    # Resuming while the budget is still used up is refused with a clear message.
+    resumed = client.post(f"/api/batches/{batch.pk}/resume")
+    assert resumed.status_code == 400 and "budget" in resumed.json()["message"]
+
+
+def test_cancel_retry_and_delete(fake_upstream, settings):
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    ids = _upload(client, 4)
+    fake_upstream.responder = lambda r: error_response(400, "bad image", "invalid_request_error")
+    response = _create(client, model=model.pk, question="Q?", images=ids)
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert set(batch.items.values_list("status", flat=True)) == {"failed"}
+    fake_upstream.responder = None
+    retried = client.post(f"/api/batches/{batch.pk}/retry")
+    assert retried.status_code == 200
+    run_worker_until_idle()
+    assert set(batch.items.values_list("status", flat=True)) == {"done"}
+    cancelled = client.post(f"/api/batches/{batch.pk}/cancel")
+    assert cancelled.status_code == 400  # already complete
+    attachment_ids = list(batch.items.values_list("attachment_id", flat=True))
+    assert client.post(f"/api/batches/{batch.pk}/delete").status_code == 200
+    from chatapp.models import Attachment, StoredImage
+
+    assert not Attachment.objects.filter(pk__in=attachment_ids).exists()
+    assert not StoredImage.objects.exists()  # the images went with the batch
+    assert UsageRecord.objects.filter(batch_item__isnull=True, batch_name__gt="").count() == 4
+
+
+async def test_socket_streams_progress_and_cancel_stops(fake_upstream):
+    user = await database_sync_to_async(user_create)()
+    client = await database_sync_to_async(_client)(user)
+    model = await database_sync_to_async(_model)(limit=1)
+    ids = await database_sync_to_async(_upload)(client, 6)
+    fake_upstream.responder = lambda r: stream_reply(["slow"], delay=0.3)
+    response = await database_sync_to_async(_create)(
+        client, model=model.pk, question="Q?", images=ids
+    )
+    batch_id = response.json()["id"]
+    cookie = await database_sync_to_async(session_cookie)(user)
+    ws = WebsocketCommunicator(
+        application, f"/ws/batches/{batch_id}/", headers=[ORIGIN, (b"cookie", cookie)]
+    )
+    connected, _ = await ws.connect()
+    assert connected
+    state = await ws.receive_json_from()
+    assert state["type"] == "batch.state" and len(state["items"]) == 6
+    run = asyncio.create_task(batch_run(batch_id=batch_id))
+    done = []
+    async with asyncio.timeout(10):
+        while len(done) < 2:
+            frame = await ws.receive_json_from(timeout=5)
+            if frame["type"] == "batch.item" and frame["item"]["status"] == "done":
+                done.append(frame["item"]["id"])
+    assert frame["batch"]["progress"]["counts"]["done"] == 2
+    cancel = await database_sync_to_async(client.post)(f"/api/batches/{batch_id}/cancel")
+    assert cancel.status_code == 200
+    await asyncio.wait_for(run, 10)
+    frames = await receive_until(ws, "batch.status")
+    assert frames[-1]["batch"]["status"] == "cancelled"
+    statuses = await database_sync_to_async(
+        lambda: sorted(BatchItem.objects.filter(batch_id=batch_id).values_list("status", flat=True))
+    )()
+    assert statuses.count("done") >= 2 and "pending" not in statuses and "running" not in statuses
+    await ws.disconnect()
+
+
+async def test_chat_goes_ahead_of_a_200_item_batch(fake_upstream):
+    """Provider limit 2, a 200-item batch running: a chat send is admitted ahead of the queued
+    batch items (it waits for one slot to free up, not for the whole line)."""
+    from tests.conftest import connect
+
+    user = await database_sync_to_async(user_create)()
+    client = await database_sync_to_async(_client)(user)
+    model = await database_sync_to_async(_model)(limit=2)
+
+    def upload_many():
+        from chatapp.attachments import attachment_create
+        from chatapp.images import process_upload
+
+        return [
+            attachment_create(
+                owner=user,
+                conversation=None,
+                filename=f"{i}.png",
+                processed=process_upload(_png(i % 40)),
+            ).pk
+            for i in range(200)
+        ]
+
+    ids = await database_sync_to_async(upload_many)()
+    item_seconds = 0.25
+
+    def responder(request):
+        if request.json["messages"][0].get("role") == "user" and isinstance(
+            request.json["messages"][0]["content"], list
+        ):
+            return stream_reply(["item"], delay=item_seconds)
+        return stream_reply(["chat", " reply"])
+
+    fake_upstream.responder = responder
+    response = await database_sync_to_async(_create)(
+        client, model=model.pk, question="Q?", images=ids
+    )
+    batch_id = response.json()["id"]
+    run = asyncio.create_task(batch_run(batch_id=batch_id))
+    await asyncio.sleep(1.0)  # the batch holds both slots with a long line behind them
+    from tests.factories import conversation_create
+
+    conversation = await database_sync_to_async(conversation_create)(owner=user, model=model)
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    started = time.monotonic()
+    await ws.send_json_to({"type": "send", "text": "hi"})
+    frames = await receive_until(ws, "reply.end", timeout=10)
+    waited = time.monotonic() - started
+    assert frames[-1]["status"] == "complete"
+    # Two slots, items of 0.25 s (+ a little): the chat waited for one slot, not 200 items.
+    assert waited < 5 * item_seconds + 1.0, waited
+    pending = await database_sync_to_async(
+        lambda: BatchItem.objects.filter(batch_id=batch_id, status="pending").count()
+    )()
+    assert pending > 100  # the batch was still far from done
+    await database_sync_to_async(client.post)(f"/api/batches/{batch_id}/cancel")
+    await asyncio.wait_for(run, 10)
+    await ws.disconnect()
+
+
+def test_upload_refuses_non_images_in_a_zip(fake_upstream):
+    user = user_create()
+    client = _client(user)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.png", _png(1))
+        archive.writestr("notes.txt", b"hello")
+    body = client.post("/api/batches/files", {"file": io.BytesIO(buffer.getvalue())}).json()
+    assert len(body["images"]) == 1
+    assert body["errors"][0]["name"] == "notes.txt"
