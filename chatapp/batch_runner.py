@@ -75,13 +75,14 @@ def item_messages(batch: Batch, item: BatchItem) -> list[dict]:
 
 def _request(batch: Batch, messages: list[dict]) -> ChatRequest:
     model = batch.model
-    reasoning = getattr(model, "reasoning", False)
     return ChatRequest(
         model=model.model_id,
         messages=messages,
         affinity_id=batch.affinity_id,
-        # Extraction needs no long thinking: off where the model has a switch (cheaper, faster).
-        thinking=False if reasoning else None,
+        # Extraction needs no long thinking: off where the family has a switch (the contract
+        # drops it where thinking cannot be turned off), for cost and speed.
+        thinking=False if model.reasoning else None,
+        contract=model.contract or {},
         response_format=batches.response_format(batch.fields, batches.structured_mode(model)),
     )
 
@@ -343,8 +344,8 @@ class Runner:
             body = {"messages": request.messages, "external_reference": str(item.pk)}
             if request.response_format:
                 body["response_format"] = request.response_format
-            if request.thinking is not None:
-                body["chat_template_kwargs"] = {"thinking": request.thinking}
+            if request.thinking_param is not None:
+                body["chat_template_kwargs"] = {"thinking": request.thinking_param}
             bodies.append(body)
         return bodies
 

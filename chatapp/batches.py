@@ -142,10 +142,10 @@ def structured_mode(model: ModelConfig) -> str:
     """json_schema or json_object for this model (staff choice, else its family's contract)."""
     if model.structured_output != "auto":
         return model.structured_output
-    contract = getattr(model, "contract", None) or {}
+    contract = model.contract or {}
     if contract.get("structured_output") in ("json_schema", "json_object"):
         return contract["structured_output"]
-    family = getattr(model, "family", "") or ""
+    family = model.family or ""
     # Kimi K3 documents response_format json_schema; Workers AI's Kimi schema lists it too.
     if family.startswith("kimi-k3") or model.provider.kind == "workers_ai":
         return "json_schema"
@@ -559,8 +559,7 @@ def item_cost(*, model: ModelConfig, prompt: int, cached: int, completion: int, 
     cost = reply_cost(
         model=model, prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion
     )
-    batch_in = getattr(model, "price_batch_input", None)
-    batch_out = getattr(model, "price_batch_output", None)
+    batch_in, batch_out = model.price_batch_input, model.price_batch_output
     if batch_api and batch_in is not None and batch_out is not None:
         cost = ((prompt * batch_in + completion * batch_out) / Decimal(1_000_000)).quantize(
             Decimal("0.000001")
@@ -628,7 +627,7 @@ def item_finish(
                 team_id=batch.team_id,
                 batch=batch,
                 batch_item=item,
-                batch_name=str(batch)[:200],
+                batch_name=f"{str(batch)[:180]} (#{batch.pk})",
                 model=model,
                 model_name=model.display_name if model else "",
                 provider_name=model.provider.name if model else "",

@@ -74,6 +74,8 @@ def usage_report(*, month: dt.datetime) -> dict:
             ("By team", grouped("team__name", lambda v: v or "(no team)")),
             ("By user", grouped("user__username", lambda v: v or "(deleted user)")),
             ("By model", grouped("model_name", lambda v: v or "(unknown model)")),
+            # Chat replies on one line, each batch on its own (records keep the batch's name).
+            ("By source", grouped("batch_name", lambda v: f"Batch: {v}" if v else "Chat")),
             ("By day", by_day),
         ],
         "chart": daily_chart_svg(by_day, start=start, end=end),

@@ -61,6 +61,7 @@ def build_world() -> dict:
         "conversation": conversation,
         "reply": reply,
         "question": question,
+        "batch": _batch(owner, team),
     }
 
 
@@ -111,6 +112,37 @@ def _sso(world: dict) -> str:
         client_secret=SECRET,
     )
     return "company"
+
+
+def _batch(owner, team):
+    """A finished batch of the owner's with one answered item (its image private too)."""
+    from chatapp.attachments import attachment_create
+    from chatapp.images import process_upload
+    from chatapp.models import Batch, BatchItem
+    from tests.image_factories import encode, screenshot
+
+    attachment = attachment_create(
+        owner=owner,
+        conversation=None,
+        filename="receipt.png",
+        processed=process_upload(encode(screenshot(64, 48), "PNG")),
+    )
+    batch = Batch.objects.create(
+        owner=owner, team=team, question="private batch question", status="complete"
+    )
+    BatchItem.objects.create(
+        batch=batch,
+        position=1,
+        attachment=attachment,
+        filename="receipt.png",
+        status="done",
+        answer="private answer",
+    )
+    return batch
+
+
+def _batch_item(world: dict) -> int:
+    return world["batch"].items.first().pk
 
 
 def client_for(world: dict, role: str) -> Client:
@@ -333,6 +365,62 @@ URL_CASES = {
         ),
         route="admin/",
     ),
+    "batches": Case("get", lambda w: "/batches/", every(200), route="batches/"),
+    "batch": Case(
+        "get",
+        lambda w: f"/batches/{w['batch'].pk}/",
+        only({"owner": 200}, others=404),
+        route="batches/<int:pk>/",
+    ),
+    "batch-files": Case(
+        "post",
+        lambda w: "/api/batches/files",
+        every(201, anonymous=401, deactivated=401),
+        data=lambda w: {"file": _png_upload()},
+        route="api/batches/files",
+    ),
+    # An empty JSON body: a 400 with a message for anyone logged in (nothing to estimate).
+    "batch-estimate": Case(
+        "post", lambda w: "/api/batches/estimate", every(400), route="api/batches/estimate"
+    ),
+    "batch-create": Case("post", lambda w: "/api/batches/", every(400), route="api/batches/"),
+    "batch-delete": Case(
+        "post",
+        lambda w: f"/api/batches/{w['batch'].pk}/delete",
+        only({"owner": 200}, others=404),
+        route="api/batches/<int:pk>/delete",
+    ),
+    # The batch is complete: retry has nothing to do (400) for its owner; 404 for everyone else.
+    "batch-action": Case(
+        "post",
+        lambda w: f"/api/batches/{w['batch'].pk}/retry",
+        only({"owner": 400}, others=404, anonymous=401, deactivated=401),
+        route="api/batches/<int:pk>/<str:action>",
+    ),
+    "batch-item-open": Case(
+        "post",
+        lambda w: f"/api/batches/{w['batch'].pk}/items/{_batch_item(w)}/open",
+        only({"owner": 201}, others=404),
+        route="api/batches/<int:pk>/items/<int:item_pk>/open",
+    ),
+    "batch-export-csv": Case(
+        "get",
+        lambda w: f"/batches/{w['batch'].pk}/export.csv",
+        only({"owner": 200}, others=404),
+        route="batches/<int:pk>/export.csv",
+    ),
+    "batch-export-excel": Case(
+        "get",
+        lambda w: f"/batches/{w['batch'].pk}/export-excel.csv",
+        only({"owner": 200}, others=404),
+        route="batches/<int:pk>/export-excel.csv",
+    ),
+    "batch-export-jsonl": Case(
+        "get",
+        lambda w: f"/batches/{w['batch'].pk}/export.jsonl",
+        only({"owner": 200}, others=404),
+        route="batches/<int:pk>/export.jsonl",
+    ),
     "admin-conversation": Case(
         "get",
         lambda w: f"/admin/chatapp/conversation/{w['conversation'].pk}/change/",
@@ -379,12 +467,22 @@ def test_every_websocket_route_and_action_is_in_the_matrix():
     from chatapp.routing import websocket_urlpatterns
 
     routes = {str(pattern.pattern) for pattern in websocket_urlpatterns}
-    assert routes == {"ws/conversations/<int:conversation_id>/"}, "add it to the matrix"
+    assert routes == {
+        "ws/conversations/<int:conversation_id>/",
+        "ws/batches/<int:batch_id>/",
+    }, "add it to the matrix"
     source = inspect.getsource(ChatConsumer.receive_json)
     dispatched = set(re.findall(r'"([a-z_.]+)": self\.handle_', source))
     assert dispatched, "the dispatch table moved: update this check"
     missing = dispatched - set(ACTIONS)
     assert not missing, f"add the client frame types {missing} to ACTIONS"
+    from chatapp.consumers import BatchConsumer
+
+    source = inspect.getsource(BatchConsumer.receive_json)
+    dispatched = set(re.findall(r'"([a-z_.]+)": self\.handle_', source))
+    assert dispatched, "the batch dispatch table moved: update this check"
+    missing = dispatched - set(BATCH_ACTIONS)
+    assert not missing, f"add the batch client frame types {missing} to BATCH_ACTIONS"
 
 
 # ---- websockets -----------------------------------------------------------------------------
@@ -432,4 +530,36 @@ async def test_websocket_access(action, role):
     assert frames[-1]["type"] == expected
     if action in ("send", "regenerate", "edit"):
         await receive_until(ws, "reply.end")
+    await ws.disconnect()
+
+
+# What a batch's owner gets for each client action on /ws/batches/<id>/.
+BATCH_ACTIONS = {"state": "batch.state", "ping": "pong"}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("action", sorted(BATCH_ACTIONS))
+async def test_batch_socket_access(action, role):
+    from channels.testing import WebsocketCommunicator
+
+    from chatapp.asgi import application
+    from tests.conftest import ORIGIN, session_cookie
+
+    world = await database_sync_to_async(build_world)()
+    user = world["users"][role]
+    headers = [ORIGIN]
+    if user is not None:
+        headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
+    ws = WebsocketCommunicator(application, f"/ws/batches/{world['batch'].pk}/", headers=headers)
+    connected, code = await ws.connect()
+    if CONNECT[role] != "accepted":
+        assert not connected and code == CONNECT[role]
+        return
+    assert connected
+    first = await ws.receive_json_from()
+    assert first["type"] == "batch.state" and first["items"][0]["answer"] == "private answer"
+    await ws.send_json_to({"type": action})
+    frames = await receive_until(ws, BATCH_ACTIONS[action])
+    assert frames[-1]["type"] == BATCH_ACTIONS[action]
     await ws.disconnect()

@@ -189,9 +189,13 @@ def test_fifty_images_three_fields_complete_with_invalid_and_429(fake_upstream):
     assert excel.startswith("\ufeff".encode()) and b"\r\n" in excel
     jsonl = client.get(f"/batches/{batch.pk}/export.jsonl").content.decode().splitlines()
     assert len(jsonl) == 50 and json.loads(jsonl[2])["values"]["vendor"] == "Shop 3"
-    # Progress: cache share and the money it saved.
-    state = client.get(f"/batches/{batch.pk}/")
-    assert state.status_code == 200
+    # Progress: cache share and the money it saved (800 of 1,000 prompt tokens per answer).
+    state = tasks.batches.batch_state(batch_id=batch.pk)["batch"]["progress"]
+    assert 0.7 < state["cache_share"] < 0.9 and Decimal(state["cache_saved_usd"]) > 0
+    # The usage page shows the batch as its own line beside chat.
+    staff = _client(user_create(is_staff=True, is_superuser=True))
+    usage = staff.get("/usage/").content.decode()
+    assert f"Batch: R (#{batch.pk})" in usage
 
 
 def test_json_object_model_gets_the_schema_in_the_prompt(fake_upstream):
