@@ -321,8 +321,10 @@ class Runner:
             await events.batch_publish(self.batch.pk, events.frame_batch_status(batch=state))
 
     async def run(self) -> None:
+        # The heartbeat first: nothing (a slow first publish) may outlast the batch's lease.
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
+            await self.publish_status()
             if self.batch.mode == "workers_ai":
                 await self._run_async_api()
             else:
@@ -494,6 +496,4 @@ async def batch_run(*, batch_id: int) -> None:
     batch = await database_sync_to_async(batches.batch_begin)(batch_id=batch_id)
     if batch is None or batch.model is None:
         return
-    runner = Runner(batch)
-    await runner.publish_status()
-    await runner.run()
+    await Runner(batch).run()

@@ -585,7 +585,9 @@ def item_finish(
     record in the same transaction. None when the claim was lost (another runner has it)."""
     with transaction.atomic():
         item = (
-            BatchItem.objects.select_for_update()
+            # Only the item row is locked (the model join is nullable: PostgreSQL refuses FOR
+            # UPDATE on an outer join's nullable side).
+            BatchItem.objects.select_for_update(of=("self",))
             .select_related("batch__model__provider", "batch__owner")
             .filter(
                 pk=item_id,

@@ -399,3 +399,125 @@ def test_upload_refuses_non_images_in_a_zip(fake_upstream):
     body = client.post("/api/batches/files", {"file": io.BytesIO(buffer.getvalue())}).json()
     assert len(body["images"]) == 1
     assert body["errors"][0]["name"] == "notes.txt"
+
+
+def _envelope(result: dict, status: int = 200):
+    from tests.fake_upstream import FakeResponse
+
+    body = json.dumps({"result": result, "success": True, "errors": [], "messages": []})
+    return FakeResponse(
+        status=status, headers={"content-type": "application/json"}, parts=[body.encode()]
+    )
+
+
+def test_workers_ai_async_batch_queued_running_done_with_one_failure(_upstream_server, settings):
+    """Workers AI's queueRequest: submitted once, polled (queued -> running -> done), results
+    answered out of order and put back by id, the failed item retryable."""
+    from chatapp.model_catalog import catalog_sync, reset_catalog_cache
+
+    fake = _upstream_server
+    fake.reset()
+    settings.CLOUDFLARE_ACCOUNT_ID = "acct1"
+    settings.CLOUDFLARE_API_TOKEN = "cf-token-test"
+    settings.CLOUDFLARE_API_BASE = fake.base_url
+    settings.BATCH_POLL_INTERVAL = 0.05
+    reset_catalog_cache()
+    catalog_sync()
+    model = ModelConfig.objects.select_related("provider").get(
+        provider__kind="workers_ai", model_id="@cf/moonshotai/kimi-k2.6"
+    )
+    model.price_batch_input, model.price_batch_output = Decimal("0.50"), Decimal("2.00")
+    model.staff_overrides = ["price_batch_input", "price_batch_output"]  # kept by the sync
+    model.save()
+    user = user_create()
+    client = _client(user)
+    ids = _upload(client, 4)
+    polls = []
+    submitted = []
+
+    def answer(i: int, reference: str) -> dict:
+        return {
+            "id": i,
+            "success": True,
+            "external_reference": reference,
+            "result": {
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": json.dumps(
+                                {"vendor": f"V{i}", "total": i, "date": "2026-01-0" + str(i + 1)}
+                            ),
+                        },
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 500,
+                    "completion_tokens": 20,
+                    "total_tokens": 520,
+                    "prompt_tokens_details": {"cached_tokens": 400},
+                },
+            },
+        }
+
+    def responder(request):
+        body = request.json
+        if "requests" in body:
+            assert "queueRequest=true" in request.path
+            submitted.append(body["requests"])
+            return _envelope({"status": "queued", "request_id": "req-1"})
+        polls.append(body["request_id"])
+        if len(polls) == 1:
+            return _envelope({"status": "queued", "request_id": "req-1"})
+        if len(polls) == 2:
+            return _envelope({"status": "running", "request_id": "req-1"})
+        references = [r["external_reference"] for r in submitted[0]]
+        failed = {
+            "id": 2,
+            "success": False,
+            "external_reference": references[2],
+            "errors": [{"code": 3040, "message": "Capacity temporarily exceeded"}],
+        }
+        # Out of order: Cloudflare does not promise the submission order.
+        return _envelope(
+            {
+                "status": "done",
+                "request_id": "req-1",
+                "responses": [
+                    answer(3, references[3]),
+                    failed,
+                    answer(0, references[0]),
+                    answer(1, references[1]),
+                ],
+            }
+        )
+
+    fake.responder = responder
+    response = _create(client, model=model.pk, question="Read it.", fields=FIELDS, images=ids)
+    assert response.status_code == 201, response.content
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.mode == "workers_ai"
+    run_worker_until_idle()
+    assert len(submitted) == 1 and len(submitted[0]) == 4
+    assert submitted[0][0]["response_format"]["type"] == "json_schema"
+    assert polls == ["req-1"] * 3
+    items = list(batch.items.order_by("position"))
+    assert [i.status for i in items] == ["done", "done", "failed", "done"]
+    assert [i.values["vendor"] if i.values else None for i in items] == ["V0", "V1", None, "V3"]
+    # The failure in the app's own words, never the provider's text verbatim.
+    assert items[2].error and "Capacity temporarily exceeded" not in items[2].error
+    assert items[0].cost_usd == Decimal("0.000290")  # 500 x $0.50 + 20 x $2.00, per million
+    # The failed item is retryable: it runs again and only it is submitted.
+    fake.responder = lambda r: (
+        _envelope({"status": "queued", "request_id": "req-2"})
+        if "requests" in r.json
+        else _envelope({"status": "done", "responses": [answer(0, r.json.get("request_id"))]})
+    )
+    assert client.post(f"/api/batches/{batch.pk}/retry").status_code == 200
+    run_worker_until_idle()
+    items = list(batch.items.order_by("position"))
+    assert [i.status for i in items] == ["done"] * 4
+    # One record per answered item (the failure cost nothing and wrote none).
+    assert UsageRecord.objects.filter(batch=batch).count() == 4

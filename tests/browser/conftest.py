@@ -176,6 +176,8 @@ def app_server(_upstream_server, chromium_path):
         "OPENAI_COMPAT_MODELS": "fake-model",
         "UPSTREAM_MAX_RETRIES": "0",
         "STREAM_CHECKPOINT_INTERVAL": "0.2",
+        # As `manage.py start` runs it: one batch worker thread inside the server process.
+        "BATCH_WORKER": "embedded",
     }
     with running_app(extra, setup=make_users) as base_url:
         yield base_url

@@ -1,0 +1,74 @@
+"""The Batch page in real Chromium: start a batch, watch the table fill, cancel, export.
+
+The server runs its batch worker inside (BATCH_WORKER=embedded, as `manage.py start` does).
+"""
+
+import io
+import json
+import re
+import zipfile
+
+from playwright.sync_api import expect
+
+from tests.browser.conftest import log_in, screenshot
+from tests.fake_upstream import stream_reply
+from tests.image_factories import encode
+from tests.image_factories import screenshot as image
+
+
+def _zip(count: int) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"receipt-{i:02}.png", encode(image(80 + i, 60), "PNG"))
+    return buffer.getvalue()
+
+
+def test_start_a_batch_watch_it_fill_cancel_and_export(page, upstream, tmp_path):
+    def responder(request):
+        # Slow answers: the table fills over a few seconds, and Cancel lands mid-batch.
+        return stream_reply([json.dumps({"vendor": "Corner Shop", "total": 12.5})], delay=0.8)
+
+    upstream.responder = responder
+    log_in(page)
+    page.get_by_role("link", name="Batch").click()
+    expect(page.get_by_role("heading", name="New batch")).to_be_visible()
+    archive = tmp_path / "receipts.zip"
+    archive.write_bytes(_zip(24))
+    page.locator("#files").set_input_files(str(archive))
+    expect(page.get_by_role("status").filter(has_text="24 images")).to_be_visible()
+    page.get_by_label("Question").fill("Who sold this and for how much?")
+    page.get_by_role("button", name="Add a field").click()
+    page.get_by_label("Field name").last.fill("vendor")
+    page.get_by_role("button", name="Add a field").click()
+    page.get_by_label("Field name").last.fill("total")
+    page.get_by_label("Field type").last.select_option("number")
+    estimate = page.locator("#estimate")
+    expect(estimate).to_contain_text(re.compile(r"24 images: about [\d,]+ prompt"))
+    expect(estimate).to_contain_text("No team budget limit")
+    screenshot(page, "batch-01-estimate")
+    page.get_by_role("button", name="Start batch").click()
+
+    expect(page).to_have_url(re.compile(r"/batches/\d+/$"))
+    rows = page.locator("#results tbody tr")
+    expect(rows).to_have_count(24)
+    done = page.locator('#results tbody tr[data-status="done"]')
+    expect(done.first).to_be_visible()
+    expect(done.first).to_contain_text("Corner Shop")
+    expect(done.first).to_contain_text("12.5")
+    expect(page.locator("#batch-status")).to_have_text("Running")
+    screenshot(page, "batch-02-filling")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#batch-status")).to_have_text("Cancelled")
+    expect(page.locator('#results tbody tr[data-status="cancelled"]').first).to_be_visible()
+    finished = done.count()
+    assert 0 < finished < 24
+    screenshot(page, "batch-03-cancelled")
+
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="CSV", exact=True).click()
+    text = download_info.value.path().read_text(encoding="utf-8")
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("item,file,status,vendor,total,")
+    assert len(lines) == 25
+    assert sum(",done,Corner Shop,12.5," in line for line in lines) >= finished

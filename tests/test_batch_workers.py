@@ -1,0 +1,155 @@
+"""Batch workers for real: `manage.py batch_worker` processes on the test PostgreSQL and Redis.
+
+Two workers (the production shape's `worker` service scaled to 2) share a batch's job queue; the
+one running the batch is killed with SIGKILL mid-batch and another is started: every item is
+answered exactly once (one saved answer and one usage record each), none lost.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from chatapp import tasks
+from chatapp.models import Batch, BatchItem, ModelConfig, UsageRecord
+from tests.conftest import CHANNEL_LAYER_PREFIX
+from tests.factories import user_create
+from tests.fake_upstream import stream_reply
+from tests.test_batches import _index_by_image, _item_index, _png
+from tests.test_multiprocess import ROOT, _database_url, _require_services
+
+pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
+
+LEASE = 3.0
+
+
+class Worker:
+    def __init__(self, name: str, env: dict) -> None:
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"worker-{name}-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "batch_worker", "--interval", "0.2"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def _wait(condition, timeout: float, what: str, workers=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {w.name}\n{w.output()}" for w in workers)
+    pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+
+def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstream, settings):
+    _require_services()
+    from chatapp.attachments import attachment_create
+    from chatapp.images import process_upload
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "CHANNEL_LAYER_PREFIX": CHANNEL_LAYER_PREFIX,
+        "SECRET_KEY": django_settings.SECRET_KEY,
+        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "OPENAI_COMPAT_BASE_URL": fake_upstream.base_url,
+        "OPENAI_COMPAT_API_KEY": "test-key",
+        "OPENAI_COMPAT_MODELS": "fake-model",
+        "BATCH_LEASE_SECONDS": str(LEASE),
+        "BATCH_CONCURRENCY": "3",
+        "UPSTREAM_RETRY_BASE_DELAY": "0.01",
+        "PYTHONUNBUFFERED": "1",
+    }
+    user = user_create()
+    model = ModelConfig.objects.select_related("provider").get(model_id="fake-model")
+    ids = [
+        attachment_create(
+            owner=user, conversation=None, filename=f"{i}.png", processed=process_upload(_png(i))
+        ).pk
+        for i in range(30)
+    ]
+    index = {}
+    counts: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def responder(request):
+        position = _item_index(request, index)
+        with lock:
+            counts[position] = counts.get(position, 0) + 1
+        return stream_reply([f"answer {position}"], delay=0.4)
+
+    fake_upstream.responder = responder
+    workers = [Worker("a", env), Worker("b", env)]
+    try:
+        batch = tasks.batch_start(
+            user=user, model=model, question="Q?", fields_raw=[], attachment_ids=ids
+        )
+        index.update(_index_by_image(batch))
+        done = BatchItem.objects.filter(batch=batch, status="done")
+        _wait(lambda: done.count() >= 6, 60, "the first answers", workers)
+        # The worker running the batch: its job's worker id names its pid.
+        from django_tasks_db.models import DBTaskResult
+
+        running = DBTaskResult.objects.filter(task_path=tasks.TASK_PATH, status="RUNNING").first()
+        assert running is not None
+        pid = int(re.search(r":(\d+):", running.worker_ids[-1]).group(1))
+        victim = next(w for w in workers if w.proc.pid == pid)
+        in_flight = BatchItem.objects.filter(batch=batch, status="running").count()
+        assert in_flight > 0
+        victim.kill()
+        answered_before = done.count()
+        assert answered_before < 30
+        workers.append(Worker("c", env))  # and start another
+        _wait(
+            lambda: Batch.objects.get(pk=batch.pk).status == Batch.Status.COMPLETE,
+            90,
+            "the batch to complete",
+            workers,
+        )
+    finally:
+        logs = "\n".join(f"--- {w.name}\n{w.output()}" for w in workers)
+        for worker in workers:
+            worker.stop()
+    Path("/tmp/batch-workers-15.log").write_text(logs)
+    items = list(BatchItem.objects.filter(batch=batch))
+    assert {i.status for i in items} == {"done"}
+    assert all(i.answer == f"answer {i.position}" for i in items)
+    per_item = {}
+    for item_id in UsageRecord.objects.filter(batch=batch).values_list("batch_item_id", flat=True):
+        per_item[item_id] = per_item.get(item_id, 0) + 1
+    assert per_item == {i.pk: 1 for i in items}  # one usage record each: answered once
+    # Only the items in flight when the worker died were asked twice.
+    asked_twice = [p for p, n in counts.items() if n > 1]
+    assert len(asked_twice) <= in_flight + 3, counts
+    assert all(n <= 2 for n in counts.values()), counts
