@@ -9,8 +9,9 @@ answer kept), and saves it with its usage record only while its claim still hold
 renews the leases, and watches for pause and cancel; a dead runner's items are claimed again by
 any runner once their leases run out, and the batch itself is queued again by the recovery sweep.
 
-Workers AI models go through its asynchronous batch API instead (`queueRequest`): items are
-submitted in payloads under its size cap, the request id is saved before polling (a restarted
+Workers AI models go through its asynchronous batch API instead (`queueRequest`), and models on
+an OpenAI-compatible server with cheaper batch prices through `/v1/batches`: items are
+submitted in payloads under Workers AI's size cap, the request id is saved before polling (a restarted
 runner polls it rather than sending the items again), results are mapped back by id and failed
 items are left retryable.
 
@@ -33,7 +34,7 @@ from .models import Batch, BatchItem
 from .providers.base import ChatRequest, ProviderError, Usage
 from .providers.gate import BATCH, GatedClient
 from .providers.openai_compat import dumps
-from .providers.registry import batch_client_for, client_for
+from .providers.registry import batch_client_for, client_for, openai_batch_client_for
 from .providers.workers_ai import BATCH_MAX_BYTES, BatchPending
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ class Runner:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             await self.publish_status()
-            if self.batch.mode == "workers_ai":
+            if self.batch.mode in ("workers_ai", "openai_batch"):
                 await self._run_async_api()
             else:
                 lanes = batches.provider_concurrency(self.model)
@@ -353,7 +354,8 @@ class Runner:
 
     async def _run_async_api(self) -> None:
         provider = self.model.provider
-        client = batch_client_for(base_url=provider.base_url, api_key=provider.api_key)
+        make = openai_batch_client_for if self.batch.mode == "openai_batch" else batch_client_for
+        client = make(base_url=provider.base_url, api_key=provider.api_key)
         # A runner that died after submitting: poll its request ids, never send them again.
         orphans = await database_sync_to_async(batches.items_submitted_orphans)(
             batch_id=self.batch.pk, claim=self.claim

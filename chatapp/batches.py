@@ -321,11 +321,20 @@ def estimate(
 
 
 def batch_mode(model: ModelConfig) -> str:
-    """Workers AI's async batch API (queueRequest) for its Kimi K2.6+, else the live API."""
-    if model.provider.kind == "workers_ai" and not model.provider.base_url.rstrip("/").endswith(
-        "/v1"
-    ):
+    """Which API runs the batch: Workers AI's async batch (queueRequest) on its /ai/run models;
+    OpenAI-style /v1/batches on an OpenAI-compatible server where staff gave the model batch
+    prices below its live ones (their word that the server has the Batch API, and it is
+    cheaper); else the live chat API, item by item through the provider gate."""
+    provider = model.provider
+    if provider.kind == "workers_ai" and not provider.base_url.rstrip("/").endswith("/v1"):
         return "workers_ai"
+    if (
+        provider.kind == "openai_compat"
+        and model.price_batch_input is not None
+        and model.price_batch_output is not None
+        and model.price_batch_input < model.price_input
+    ):
+        return "openai_batch"
     return "live"
 
 

@@ -217,7 +217,7 @@ class FakeUpstream:
             with self._lock:
                 self.requests.append(RecordedRequest(method, path, headers, body))
                 response = None
-                if self.responder and method == "POST":
+                if self.responder and not path.endswith("/models"):
                     response = self.responder(self.requests[-1])
                 if response is not None:
                     pass

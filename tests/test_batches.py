@@ -521,3 +521,113 @@ def test_workers_ai_async_batch_queued_running_done_with_one_failure(_upstream_s
     assert [i.status for i in items] == ["done"] * 4
     # One record per answered item (the failure cost nothing and wrote none).
     assert UsageRecord.objects.filter(batch=batch).count() == 4
+
+
+def test_openai_batches_api_where_it_is_cheaper(fake_upstream, settings):
+    """An OpenAI-compatible model with batch prices below its live ones goes through
+    /v1/files + /v1/batches: one JSONL upload, polls until completed, answers by custom_id."""
+    from tests.fake_upstream import FakeResponse
+
+    settings.BATCH_POLL_INTERVAL = 0.05
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    model.price_batch_input, model.price_batch_output = Decimal("0.50"), Decimal("2.00")
+    model.staff_overrides = ["price_batch_input", "price_batch_output"]
+    model.save()
+    ids = _upload(client, 3)
+    uploaded: list[list[dict]] = []
+    polls = []
+
+    def json_response(payload: dict, status: int = 200):
+        return FakeResponse(
+            status=status,
+            headers={"content-type": "application/json"},
+            parts=[json.dumps(payload).encode()],
+        )
+
+    def responder(request):
+        path = request.path.split("?")[0]
+        if path.endswith("/files") and request.method == "POST":
+            text = request.body.decode("utf-8", "replace")
+            lines = [
+                json.loads(line) for line in text.splitlines() if line.startswith('{"custom_id"')
+            ]
+            uploaded.append(lines)
+            return json_response({"id": "file-in", "object": "file", "purpose": "batch"})
+        if path.endswith("/batches") and request.method == "POST":
+            assert request.json["input_file_id"] == "file-in"
+            assert request.json["endpoint"] == "/v1/chat/completions"
+            return json_response({"id": "batch_1", "status": "validating"})
+        if path.endswith("/batches/batch_1"):
+            polls.append(1)
+            if len(polls) < 3:
+                return json_response({"id": "batch_1", "status": "in_progress"})
+            return json_response(
+                {
+                    "id": "batch_1",
+                    "status": "completed",
+                    "output_file_id": "file-out",
+                    "error_file_id": "file-err",
+                }
+            )
+        if path.endswith("/files/file-out/content"):
+            lines = []
+            for line in reversed(uploaded[0][:2]):  # out of order
+                lines.append(
+                    json.dumps(
+                        {
+                            "custom_id": line["custom_id"],
+                            "response": {
+                                "status_code": 200,
+                                "body": {
+                                    "choices": [
+                                        {
+                                            "index": 0,
+                                            "finish_reason": "stop",
+                                            "message": {
+                                                "role": "assistant",
+                                                "content": f"item {line['custom_id']}",
+                                            },
+                                        }
+                                    ],
+                                    "usage": {"prompt_tokens": 1000, "completion_tokens": 10},
+                                },
+                            },
+                        }
+                    )
+                )
+            return FakeResponse(
+                headers={"content-type": "application/jsonl"}, parts=["\n".join(lines).encode()]
+            )
+        if path.endswith("/files/file-err/content"):
+            line = uploaded[0][2]
+            return FakeResponse(
+                headers={"content-type": "application/jsonl"},
+                parts=[
+                    json.dumps(
+                        {
+                            "custom_id": line["custom_id"],
+                            "response": {
+                                "status_code": 500,
+                                "body": {"error": {"message": "internal", "type": "server_error"}},
+                            },
+                        }
+                    ).encode()
+                ],
+            )
+        return None
+
+    fake_upstream.responder = responder
+    response = _create(client, model=model.pk, question="Describe.", images=ids)
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.mode == "openai_batch"
+    run_worker_until_idle()
+    assert len(uploaded) == 1 and len(uploaded[0]) == 3
+    assert uploaded[0][0]["body"]["model"] == "fake-model"
+    assert uploaded[0][0]["url"] == "/v1/chat/completions"
+    assert not fake_upstream.chat_requests()  # nothing went through the live API
+    items = list(batch.items.order_by("position"))
+    assert [i.status for i in items] == ["done", "done", "failed"]
+    assert items[0].answer == f"item {items[0].pk}" and items[1].answer == f"item {items[1].pk}"
+    assert items[0].cost_usd == Decimal("0.000520")  # batch prices: 1000 x 0.50 + 10 x 2.00

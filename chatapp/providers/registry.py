@@ -10,6 +10,7 @@ from django.conf import settings
 from .base import ProviderClient
 from .demo import DemoClient
 from .moonshot import MoonshotClient
+from .openai_batches import OpenAIBatchClient
 from .openai_compat import OpenAICompatClient
 from .workers_ai import WorkersAIBatchClient, WorkersAIClient
 
@@ -52,3 +53,7 @@ def client_for(*, kind: str, base_url: str, api_key: str, name: str = "") -> Pro
 
 def batch_client_for(*, base_url: str, api_key: str) -> WorkersAIBatchClient:
     return WorkersAIBatchClient(base_url=base_url, api_key=api_key, http=_http_client())
+
+
+def openai_batch_client_for(*, base_url: str, api_key: str) -> OpenAIBatchClient:
+    return OpenAIBatchClient(base_url=base_url, api_key=api_key, http=_http_client())

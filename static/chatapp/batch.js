@@ -149,7 +149,7 @@ function setupForm() {
       let text = `${e.items} images: about ${e.prompt_tokens.toLocaleString()} prompt and ${e.completion_tokens.toLocaleString()} completion tokens, about ${money(e.cost_usd)}. `;
       text += e.budget_left_usd === null ? "No team budget limit. " : `Team budget left this month: ${money(e.budget_left_usd)}. `;
       text += `About ${duration(e.seconds)} at ${e.concurrency} at a time`;
-      text += e.mode === "workers_ai" ? " (through Workers AI's batch queue; it may take longer)." : ".";
+      text += e.mode === "live" ? "." : " (through the provider's batch API, at its batch prices; it may take longer).";
       if (!e.fits_budget) text += " This is more than the budget left: it cannot start.";
       estimateBox.textContent = text;
       estimateBox.classList.toggle("over", !e.fits_budget);
