@@ -20,7 +20,6 @@ import logging
 import zipfile
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -222,11 +221,11 @@ async def batch_action(request: HttpRequest, pk: int, action: str) -> JsonRespon
     if not user.is_authenticated:
         return _error(401, "login", "Log in first.")
     try:
-        batch = await database_sync_to_async(batch_get_for_user)(user, pk)
+        batch = await sync_to_async(batch_get_for_user)(user, pk)
         if action not in ("pause", "resume", "cancel", "retry"):
             raise Http404
-        batch = await database_sync_to_async(tasks.batch_control)(batch=batch, action=action)
-        state = await database_sync_to_async(batches.batch_state)(batch_id=batch.pk)
+        batch = await sync_to_async(tasks.batch_control)(batch=batch, action=action)
+        state = await sync_to_async(batches.batch_state)(batch_id=batch.pk)
     except Http404:
         return _error(404, "not_found", "No such batch.")
     except ClientError as exc:
