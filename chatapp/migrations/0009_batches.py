@@ -7,91 +7,202 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chatapp', '0008_oidc'),
+        ("chatapp", "0008_oidc"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='modelconfig',
-            name='structured_output',
-            field=models.CharField(choices=[('auto', 'Automatic (from the catalog family)'), ('json_schema', 'JSON schema (response_format json_schema)'), ('json_object', 'JSON object only (validated by the app)')], default='auto', help_text='How batch answers with fields ask for JSON (chatapp/batches.py).', max_length=16),
+            model_name="modelconfig",
+            name="structured_output",
+            field=models.CharField(
+                choices=[
+                    ("auto", "Automatic (from the catalog family)"),
+                    ("json_schema", "JSON schema (response_format json_schema)"),
+                    ("json_object", "JSON object only (validated by the app)"),
+                ],
+                default="auto",
+                help_text="How batch answers with fields ask for JSON (chatapp/batches.py).",
+                max_length=16,
+            ),
         ),
         migrations.AddField(
-            model_name='usagerecord',
-            name='batch_name',
+            model_name="usagerecord",
+            name="batch_name",
             field=models.CharField(blank=True, max_length=200),
         ),
         migrations.CreateModel(
-            name='Batch',
+            name="Batch",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=200)),
-                ('question', models.TextField()),
-                ('fields', models.JSONField(blank=True, default=list)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('paused', 'Paused'), ('budget', 'Paused: budget reached'), ('complete', 'Complete'), ('cancelled', 'Cancelled')], default='queued', max_length=16)),
-                ('mode', models.CharField(default='live', max_length=16)),
-                ('estimate', models.JSONField(blank=True, default=dict)),
-                ('affinity_id', models.CharField(default=chatapp.models.new_affinity_id, editable=False, max_length=40, unique=True)),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('model', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to='chatapp.modelconfig')),
-                ('owner', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='batches', to=settings.AUTH_USER_MODEL)),
-                ('team', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='batches', to='chatapp.team')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=200)),
+                ("question", models.TextField()),
+                ("fields", models.JSONField(blank=True, default=list)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("paused", "Paused"),
+                            ("budget", "Paused: budget reached"),
+                            ("complete", "Complete"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("mode", models.CharField(default="live", max_length=16)),
+                ("estimate", models.JSONField(blank=True, default=dict)),
+                (
+                    "affinity_id",
+                    models.CharField(
+                        default=chatapp.models.new_affinity_id,
+                        editable=False,
+                        max_length=40,
+                        unique=True,
+                    ),
+                ),
+                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "model",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to="chatapp.modelconfig",
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="batches",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "team",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="batches",
+                        to="chatapp.team",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddField(
-            model_name='usagerecord',
-            name='batch',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to='chatapp.batch'),
+            model_name="usagerecord",
+            name="batch",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="usage",
+                to="chatapp.batch",
+            ),
         ),
         migrations.CreateModel(
-            name='BatchItem',
+            name="BatchItem",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveIntegerField()),
-                ('filename', models.CharField(blank=True, max_length=200)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('submitted', 'Submitted'), ('done', 'Done'), ('invalid', 'Invalid answer'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
-                ('answer', models.TextField(blank=True)),
-                ('values', models.JSONField(blank=True, null=True)),
-                ('error', models.TextField(blank=True)),
-                ('attempts', models.PositiveSmallIntegerField(default=0)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('cached_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('cost_usd', models.DecimalField(decimal_places=6, default=0, max_digits=12)),
-                ('claim', models.CharField(blank=True, max_length=64)),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
-                ('request_id', models.CharField(blank=True, max_length=100)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('attachment', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='batch_item', to='chatapp.attachment')),
-                ('batch', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='items', to='chatapp.batch')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.PositiveIntegerField()),
+                ("filename", models.CharField(blank=True, max_length=200)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("submitted", "Submitted"),
+                            ("done", "Done"),
+                            ("invalid", "Invalid answer"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("answer", models.TextField(blank=True)),
+                ("values", models.JSONField(blank=True, null=True)),
+                ("error", models.TextField(blank=True)),
+                ("attempts", models.PositiveSmallIntegerField(default=0)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("cached_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("cost_usd", models.DecimalField(decimal_places=6, default=0, max_digits=12)),
+                ("claim", models.CharField(blank=True, max_length=64)),
+                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
+                ("request_id", models.CharField(blank=True, max_length=100)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "attachment",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="batch_item",
+                        to="chatapp.attachment",
+                    ),
+                ),
+                (
+                    "batch",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="items",
+                        to="chatapp.batch",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['position', 'id'],
+                "ordering": ["position", "id"],
             },
         ),
         migrations.AddField(
-            model_name='usagerecord',
-            name='batch_item',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='usage', to='chatapp.batchitem'),
+            model_name="usagerecord",
+            name="batch_item",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="usage",
+                to="chatapp.batchitem",
+            ),
         ),
         migrations.AddIndex(
-            model_name='batch',
-            index=models.Index(fields=['status', 'lease_expires_at'], name='chatapp_bat_status_7e7f18_idx'),
+            model_name="batch",
+            index=models.Index(
+                fields=["status", "lease_expires_at"], name="chatapp_bat_status_7e7f18_idx"
+            ),
         ),
         migrations.AddIndex(
-            model_name='batchitem',
-            index=models.Index(fields=['batch', 'status'], name='chatapp_bat_batch_i_3d4d6e_idx'),
+            model_name="batchitem",
+            index=models.Index(fields=["batch", "status"], name="chatapp_bat_batch_i_3d4d6e_idx"),
         ),
         migrations.AddConstraint(
-            model_name='batchitem',
-            constraint=models.UniqueConstraint(fields=('batch', 'position'), name='unique_batch_position'),
+            model_name="batchitem",
+            constraint=models.UniqueConstraint(
+                fields=("batch", "position"), name="unique_batch_position"
+            ),
         ),
     ]
