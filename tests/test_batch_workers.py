@@ -97,7 +97,7 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
         attachment_create(
             owner=user, conversation=None, filename=f"{i}.png", processed=process_upload(_png(i))
         ).pk
-        for i in range(30)
+        for i in range(40)
     ]
     index = {}
     counts: dict[int, int] = {}
@@ -107,7 +107,7 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
         position = _item_index(request, index)
         with lock:
             counts[position] = counts.get(position, 0) + 1
-        return stream_reply([f"answer {position}"], delay=0.4)
+        return stream_reply([f"answer {position}"], delay=1.0)
 
     fake_upstream.responder = responder
     workers = [Worker("a", env), Worker("b", env)]
@@ -117,7 +117,13 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
         )
         index.update(_index_by_image(batch))
         done = BatchItem.objects.filter(batch=batch, status="done")
-        _wait(lambda: done.count() >= 6, 60, "the first answers", workers)
+        running_items = BatchItem.objects.filter(batch=batch, status="running")
+        _wait(
+            lambda: done.count() >= 6 and running_items.exists(),
+            90,
+            "the first answers with more in flight",
+            workers,
+        )
         # The worker running the batch: its job's worker id names its pid.
         from django_tasks_db.models import DBTaskResult
 
@@ -125,11 +131,9 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
         assert running is not None
         pid = int(re.search(r":(\d+):", running.worker_ids[-1]).group(1))
         victim = next(w for w in workers if w.proc.pid == pid)
-        in_flight = BatchItem.objects.filter(batch=batch, status="running").count()
-        assert in_flight > 0
         victim.kill()
         answered_before = done.count()
-        assert answered_before < 30
+        assert answered_before < 40
         workers.append(Worker("c", env))  # and start another
         _wait(
             lambda: Batch.objects.get(pk=batch.pk).status == Batch.Status.COMPLETE,
@@ -149,7 +153,7 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
     for item_id in UsageRecord.objects.filter(batch=batch).values_list("batch_item_id", flat=True):
         per_item[item_id] = per_item.get(item_id, 0) + 1
     assert per_item == {i.pk: 1 for i in items}  # one usage record each: answered once
-    # Only the items in flight when the worker died were asked twice.
+    # Only the items in flight when the worker died (3 lanes) were asked twice.
     asked_twice = [p for p, n in counts.items() if n > 1]
-    assert len(asked_twice) <= in_flight + 3, counts
+    assert len(asked_twice) <= 3, counts
     assert all(n <= 2 for n in counts.values()), counts
