@@ -93,6 +93,10 @@ def running_app(extra_env: dict, *, port: int | None = None, setup: str = "", na
     root, after `migrate`, `collectstatic` and the Python `setup` code (run by `manage.py
     shell`). Yields the base URL; the server's log is copied to test-artifacts/<name>.log."""
     tmp = Path(tempfile.mkdtemp(prefix="kimichat-browser-"))
+    # A test module's own server (single sign-on) runs while the session's server lives on:
+    # when it ends, the session's environment and data dir are what app_shell and media_root
+    # must point at again, not the deleted files of the server that ended.
+    outer_env, outer_server = dict(SERVER_ENV), dict(SERVER)
     SERVER["data_dir"] = tmp / "data"
     env = {
         key: value
@@ -159,6 +163,11 @@ def running_app(extra_env: dict, *, port: int | None = None, setup: str = "", na
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(tmp / "daphne.log", ARTIFACTS / f"{name}.log")  # for reading after a failure
         shutil.rmtree(tmp, ignore_errors=True)
+        if SERVER_ENV.get("DATA_DIR") == env["DATA_DIR"]:  # still ours: hand back the outer one
+            SERVER_ENV.clear()
+            SERVER_ENV.update(outer_env)
+            SERVER.clear()
+            SERVER.update(outer_server)
 
 
 @pytest.fixture(scope="session")
