@@ -36,6 +36,14 @@ class Drop:
 
 
 @dataclass
+class Gate:
+    """Hold the stream here until the test sets the event (at most `timeout` seconds)."""
+
+    event: threading.Event
+    timeout: float = 60.0
+
+
+@dataclass
 class FakeResponse:
     status: int = 200
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "text/event-stream"})
@@ -271,6 +279,8 @@ class FakeUpstream:
             elif isinstance(part, Drop):
                 writer.transport.abort()
                 return
+            elif isinstance(part, Gate):
+                await asyncio.to_thread(part.event.wait, part.timeout)
             else:
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                 await writer.drain()

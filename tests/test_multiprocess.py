@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from django.db import connection
 from chatapp.models import Message
 from tests.conftest import CHANNEL_LAYER_PREFIX, session_cookie
 from tests.factories import conversation_create, user_create
-from tests.fake_upstream import stream_reply
+from tests.fake_upstream import Gate, stream_reply
 from tests.test_streams import Viewer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,7 +253,12 @@ async def test_reattach_across_processes_gets_the_exact_text(pair, fake_upstream
     servers = list(pair)
     user, conversation = await make_world()
     tokens = [f"s{i} " for i in range(rng.randint(60, 120))]
-    fake_upstream.enqueue(stream_reply(tokens, delay=0.02))
+    reply = stream_reply(tokens, delay=0.02)
+    # The second half waits for the first re-attach, so a busy machine cannot finish the reply
+    # before the watcher has come back once.
+    reattached = threading.Event()
+    reply.parts.insert(len(reply.parts) // 2, Gate(reattached))
+    fake_upstream.enqueue(reply)
     sender = await open_client(rng.choice(servers), user, conversation.pk)
     await sender.send({"type": "send", "text": "go"})
     watcher = await open_client(rng.choice(servers), user, conversation.pk)
@@ -260,7 +266,11 @@ async def test_reattach_across_processes_gets_the_exact_text(pair, fake_upstream
     async with asyncio.timeout(120):
         while watcher.viewer.final is None:
             for _ in range(rng.randint(1, 6)):
-                watcher.viewer.apply(await watcher.recv())
+                try:
+                    frame = await asyncio.wait_for(watcher.recv(), 2)
+                except TimeoutError:
+                    break  # held at the gate: come back now
+                watcher.viewer.apply(frame)
                 if watcher.viewer.final is not None:
                     break
             if watcher.viewer.final is not None:
@@ -269,6 +279,7 @@ async def test_reattach_across_processes_gets_the_exact_text(pair, fake_upstream
             # Come back on either process: the state must be the same wherever the reply runs.
             watcher = await open_client(rng.choice(servers), user, conversation.pk)
             reconnects += 1
+            reattached.set()
             text_after_state = watcher.viewer.text
             assert "".join(tokens).startswith(text_after_state)
     assert reconnects >= 1
