@@ -297,7 +297,11 @@ class Generation:
                     if kind == "generation.stop":
                         self.stop()
                     elif kind == "generation.state" and message.get("reply_to"):
-                        await events.answer_state(message["reply_to"], self.state())
+                        await events.answer_state(
+                            message["reply_to"],
+                            self.state(),
+                            request_id=message.get("request_id", ""),
+                        )
             finally:
                 await events.generation_unlisten(self.message_id, channel)
 

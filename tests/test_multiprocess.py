@@ -327,3 +327,48 @@ async def test_killing_the_process_mid_reply_leaves_the_text_and_the_survivor_re
     assert len(row.content) < len("".join(tokens))
     assert seen_before_kill.startswith(row.content) or row.content.startswith(seen_before_kill)
     await on_survivor.close()
+
+
+async def test_state_requests_share_one_reply_channel_per_process(pair, fake_upstream):
+    """Every socket that joins a reply running on the other process probes its subscription and
+    asks that process for its state: the answers come back on one channel per process, and a
+    socket's own channel is unsubscribed when it closes, even while frames are flowing to it.
+    Redis keeps no subscription per socket that came and went."""
+    import redis.asyncio as aioredis
+
+    a, b = pair
+    user, conversation = await make_world()
+    tokens = [f"t{i} " for i in range(200)]
+    fake_upstream.enqueue(stream_reply(tokens, delay=0.05))
+    sender = await open_client(a, user, conversation.pk)
+    await sender.send({"type": "send", "text": "go"})
+    await sender.until("delta")
+    client = aioredis.from_url(os.environ["REDIS_URL"])
+    pattern = f"{CHANNEL_LAYER_PREFIX}specific.*"
+
+    async def subscriptions() -> int:
+        return len(await client.pubsub_channels(pattern))
+
+    async def watch_once() -> None:
+        watcher = await open_client(b, user, conversation.pk)
+        # The state came from A's memory: a prefix of the reply, with text once it has started.
+        assert "".join(tokens).startswith(watcher.viewer.text)
+        await watcher.close()
+
+    try:
+        await watch_once()  # B's state channel exists from here on
+        await asyncio.sleep(0.5)
+        before = await subscriptions()
+        for _ in range(10):
+            await watch_once()
+        for _ in range(75):  # unsubscribes are asynchronous: up to 15 s
+            after = await subscriptions()
+            if after <= before:
+                break
+            await asyncio.sleep(0.2)
+        assert after <= before
+        end = await sender.until("reply.end")
+        assert end["message"]["status"] == "complete"
+    finally:
+        await client.aclose()
+        await sender.close()

@@ -58,6 +58,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 import weakref
 
 import orjson
@@ -293,17 +294,21 @@ async def socket_join(*, socket, conversation_id: int, user_id: int) -> None:
     group = conversation_group(conversation_id)
     await layer.group_add(group, socket.channel_name)
     await layer.group_add(user_group(user_id), socket.channel_name)
-    probe = await layer.new_channel()
-    await layer.group_add(group, probe)
+    mailbox = _mailbox()
+    await mailbox.open()
+    key, echoed = mailbox.expect()
     try:
-        async with asyncio.timeout(10):
-            await layer.group_send(group, {"type": "layer.probe", "probe": probe})
-            while (await layer.receive(probe)).get("probe") != probe:
-                pass
-    except TimeoutError:  # a slow Redis: the page's seq-gap check still heals a lost delta
-        pass
+        await mailbox.join_group(group)
+        try:
+            async with asyncio.timeout(10):
+                await layer.group_send(group, {"type": "layer.probe", "probe": key})
+                await echoed
+        except TimeoutError:  # a slow Redis: the page's seq-gap check still heals a lost delta
+            pass
+        finally:
+            await mailbox.leave_group(group)
     finally:
-        await layer.group_discard(group, probe)
+        mailbox.forget(key)
     _watch().add(socket)
 
 
@@ -313,6 +318,7 @@ async def socket_leave(*, socket, conversation_id: int, user_id: int) -> None:
     try:
         await layer.group_discard(conversation_group(conversation_id), socket.channel_name)
         await layer.group_discard(user_group(user_id), socket.channel_name)
+        await layer.channel_discard(socket.channel_name)
     except Exception as exc:  # the layer is down: its subscriptions go with this process's
         log.info("socket leave during a channel-layer outage: %r", exc)
 
@@ -349,30 +355,130 @@ async def request_stop(message_id: int) -> None:
     await get_channel_layer().group_send(generation_group(message_id), {"type": "generation.stop"})
 
 
+class _Mailbox:
+    """One channel per process (and event loop) on which many callers wait for their answers,
+    matched by a key in the message ("request_id" or "probe"), read by one task.
+
+    A new channel per state request or per join probe would stay subscribed in Redis for the
+    life of the process: channels_redis drops a channel only when a receive on it is cancelled.
+    Groups the mailbox joins for probes are counted, so concurrent joins of one group share one
+    subscription and leave it when the last one is done.
+    """
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        self.channel: str | None = None
+        self.reader: asyncio.Task | None = None
+        self.opening = asyncio.Lock()
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.group_users: dict[str, int] = {}
+        self.group_ready: dict[str, asyncio.Future] = {}
+
+    async def open(self) -> str:
+        async with self.opening:
+            if self.channel is None or self.reader is None or self.reader.done():
+                channel = await self.layer.new_channel()
+                # Round trip first, so no answer can beat our subscription to the channel.
+                await self.layer.send(channel, {"type": "probe"})
+                await self.layer.receive(channel)
+                self.group_users.clear()
+                self.group_ready.clear()
+                self.channel = channel
+                self.reader = asyncio.create_task(self._read(channel))
+            return self.channel
+
+    def expect(self) -> tuple[str, asyncio.Future]:
+        key = uuid.uuid4().hex
+        self.waiting[key] = asyncio.get_running_loop().create_future()
+        return key, self.waiting[key]
+
+    def forget(self, key: str) -> None:
+        self.waiting.pop(key, None)
+
+    async def join_group(self, group: str) -> None:
+        self.group_users[group] = self.group_users.get(group, 0) + 1
+        ready = self.group_ready.get(group)
+        if ready is None:
+            ready = self.group_ready[group] = asyncio.get_running_loop().create_future()
+            try:
+                await self.layer.group_add(group, self.channel)
+            except BaseException as exc:
+                self.group_ready.pop(group, None)
+                ready.set_exception(exc)
+                ready.exception()  # retrieved here: the caller sees exc itself
+                raise
+            ready.set_result(None)
+        else:
+            await asyncio.shield(ready)
+
+    async def leave_group(self, group: str) -> None:
+        users = self.group_users.get(group, 0) - 1
+        if users > 0:
+            self.group_users[group] = users
+            return
+        self.group_users.pop(group, None)
+        if self.group_ready.pop(group, None) is not None:
+            await self.layer.group_discard(group, self.channel)
+
+    async def _read(self, channel: str) -> None:
+        try:
+            while True:
+                message = await self.layer.receive(channel)
+                key = message.get("request_id") or message.get("probe") or ""
+                answer = self.waiting.get(key)
+                if answer is not None and not answer.done():
+                    answer.set_result(message)
+        except BaseException as exc:
+            # The layer failed (or the loop is closing): the next caller opens a new channel;
+            # those waiting now fall back (state from the checkpoint, join without its probe).
+            if self.channel == channel:
+                self.channel = None
+            for answer in self.waiting.values():
+                if not answer.done():
+                    answer.set_exception(RuntimeError(f"mailbox closed: {exc!r}"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+
+# One mailbox per event loop and layer (its reader task and lock belong to one loop).
+_mailboxes: "weakref.WeakKeyDictionary[object, _Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def _mailbox() -> _Mailbox:
+    layer, loop = get_channel_layer(), asyncio.get_running_loop()
+    mailbox = _mailboxes.get(loop)
+    if mailbox is None or mailbox.layer is not layer:
+        mailbox = _mailboxes[loop] = _Mailbox(layer)
+    return mailbox
+
+
 async def ask_state(message_id: int, *, timeout: float) -> dict | None:
     """Ask the generation writing this reply (any process) for its state; None on no answer."""
-    layer = get_channel_layer()
+    mailbox = _mailbox()
+    key = ""
     try:
         async with asyncio.timeout(timeout):
-            reply_to = await layer.new_channel()
-            # Round trip first, so the answer cannot beat our subscription to reply_to.
-            await layer.send(reply_to, {"type": "probe"})
-            await layer.receive(reply_to)
-            await layer.group_send(
-                generation_group(message_id), {"type": "generation.state", "reply_to": reply_to}
+            channel = await mailbox.open()
+            key, answer = mailbox.expect()
+            await mailbox.layer.group_send(
+                generation_group(message_id),
+                {"type": "generation.state", "reply_to": channel, "request_id": key},
             )
-            answer = await layer.receive(reply_to)
+            return (await answer).get("state")
     except TimeoutError:
         return None
     except Exception as exc:  # the layer is down: the caller falls back to the checkpoint
         log.info("state request for reply %s failed: %r", message_id, exc)
         return None
-    return answer.get("state")
+    finally:
+        mailbox.forget(key)
 
 
-async def answer_state(reply_to: str, state: dict) -> None:
+async def answer_state(reply_to: str, state: dict, *, request_id: str = "") -> None:
     try:
-        await get_channel_layer().send(reply_to, {"type": "generation.state_reply", "state": state})
+        await get_channel_layer().send(
+            reply_to, {"type": "generation.state_reply", "state": state, "request_id": request_id}
+        )
     except Exception as exc:
         log.info("could not answer a state request: %r", exc)
 

@@ -51,3 +51,8 @@ class LocalInMemoryChannelLayer(InMemoryChannelLayer):
                 queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait((expires, dict(message)))
+
+    async def channel_discard(self, channel: str) -> None:
+        """Forget a socket's channel when it leaves (see RedisLayer.channel_discard)."""
+        self.channels.pop(channel, None)
+        self._remove_from_groups(channel)

@@ -4,7 +4,7 @@ channels_redis sends every PUBLISH of a process through one lock per Redis host,
 waits for the round trip of every frame before it, and a socket's SUBSCRIBE (its join) waits
 behind all of them: under load, new sockets timed out before they got their state. Publishing
 needs no lock (redis-py hands concurrent commands separate pooled connections); subscriptions
-keep theirs. Frames from one task stay in order, since each publish is awaited before the next.
+keep theirs. A socket's channel is unsubscribed when it leaves (`channel_discard`). Frames from one task stay in order, since each publish is awaited before the next.
 """
 
 import asyncio
@@ -32,8 +32,23 @@ class _LoopLayer(RedisPubSubLoopLayer):
         super().__init__(hosts, *args, **kwargs)
         self._shards = [_ShardConnection(host, self) for host in decode_hosts(hosts)]
 
+    async def channel_discard(self, channel: str) -> None:
+        if self.channels.pop(channel, None) is not None:
+            await self._get_shard(channel).unsubscribe(channel)
+
 
 class RedisLayer(RedisPubSubChannelLayer):
+    async def channel_discard(self, channel: str) -> None:
+        """Unsubscribe a socket's channel when it leaves.
+
+        channels_redis unsubscribes a channel only when a receive on it is cancelled; Channels
+        cancels its consumer's pending receive at the end, but when a frame for the socket
+        arrives together with the disconnect that receive has already finished, nothing is
+        cancelled, and the subscription stays in Redis for the life of the process (seen: about
+        one in three sockets closed during a streaming reply).
+        """
+        await self._get_layer().channel_discard(channel)
+
     def _get_layer(self):
         loop = asyncio.get_running_loop()
         try:
