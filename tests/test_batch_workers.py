@@ -5,61 +5,32 @@ one running the batch is killed with SIGKILL mid-batch and another is started: e
 answered exactly once (one saved answer and one usage record each), none lost.
 """
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings as django_settings
 
 from chatapp import tasks
 from chatapp.models import Batch, BatchItem, ModelConfig, UsageRecord
 from tests.conftest import CHANNEL_LAYER_PREFIX
 from tests.factories import user_create
 from tests.fake_upstream import stream_reply
+from tests.servers import AppProcess, app_env, require_services
 from tests.test_batches import _index_by_image, _item_index, _png
-from tests.test_multiprocess import ROOT, _database_url, _require_services
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
 
 LEASE = 3.0
 
 
-class Worker:
+class Worker(AppProcess):
     def __init__(self, name: str, env: dict) -> None:
-        self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"worker-{name}-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "batch_worker", "--interval", "0.2"],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        super().__init__(f"worker-{name}", ["manage.py", "batch_worker", "--interval", "0.2"], env)
 
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+    def stop(self, timeout: float = 20.0) -> None:
+        super().stop(timeout)
 
 
 def _wait(condition, timeout: float, what: str, workers=()) -> None:
@@ -73,24 +44,18 @@ def _wait(condition, timeout: float, what: str, workers=()) -> None:
 
 
 def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstream, settings):
-    _require_services()
+    require_services()
     from chatapp.attachments import attachment_create
     from chatapp.images import process_upload
 
-    env = {
-        **os.environ,
-        "DATABASE_URL": _database_url(),
-        "CHANNEL_LAYER_PREFIX": CHANNEL_LAYER_PREFIX,
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "MEDIA_ROOT": str(settings.MEDIA_ROOT),
-        "OPENAI_COMPAT_BASE_URL": fake_upstream.base_url,
-        "OPENAI_COMPAT_API_KEY": "test-key",
-        "OPENAI_COMPAT_MODELS": "fake-model",
-        "BATCH_LEASE_SECONDS": str(LEASE),
-        "BATCH_CONCURRENCY": "3",
-        "UPSTREAM_RETRY_BASE_DELAY": "0.01",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = app_env(
+        upstream_url=fake_upstream.base_url,
+        channel_prefix=CHANNEL_LAYER_PREFIX,
+        MEDIA_ROOT=str(settings.MEDIA_ROOT),
+        BATCH_LEASE_SECONDS=str(LEASE),
+        BATCH_CONCURRENCY="3",
+        UPSTREAM_RETRY_BASE_DELAY="0.01",
+    )
     user = user_create()
     model = ModelConfig.objects.select_related("provider").get(model_id="fake-model")
     ids = [

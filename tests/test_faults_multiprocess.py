@@ -17,20 +17,13 @@ import time
 import httpx
 import pytest
 from channels.db import database_sync_to_async
-from django.conf import settings as django_settings
 from django.db import connection
 
 from chatapp.models import Message, UsageRecord
 from tests.conftest import session_cookie
 from tests.fake_upstream import stream_reply
-from tests.test_multiprocess import (
-    Server,
-    _database_url,
-    _free_port,
-    _require_services,
-    make_world,
-    owner_pid,
-)
+from tests.servers import Server, app_env, free_port, require_services, server_factory
+from tests.test_multiprocess import make_world, owner_pid
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
 
@@ -43,7 +36,7 @@ class OwnRedis:
     """A redis-server of this module's own: the one the outage tests kill."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -75,7 +68,7 @@ class OwnRedis:
 
 @pytest.fixture(scope="module")
 def own_redis():
-    _require_services()
+    require_services()
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is needed for the outage tests")
     redis = OwnRedis()
@@ -87,38 +80,20 @@ def own_redis():
 @pytest.fixture(scope="module")
 def start_server(django_db_setup, django_db_blocker, _upstream_server, own_redis):
     with django_db_blocker.unblock():
-        database_url = _database_url()
-    env = {
-        **os.environ,
-        # Named, so the failover test can end exactly these processes' connections.
-        "DATABASE_URL": f"{database_url}?application_name={APP_NAME}",
-        "REDIS_URL": own_redis.url,
-        "CHANNEL_LAYER_PREFIX": f"faults{os.getpid()}",
-        "SECRET_KEY": django_settings.SECRET_KEY,
-        "DEBUG": "false",
-        "SECURE_HTTPS": "false",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "OPENAI_COMPAT_BASE_URL": _upstream_server.base_url,
-        "OPENAI_COMPAT_API_KEY": "test-key",
-        "OPENAI_COMPAT_MODELS": "fake-model",
-        "STREAM_CHECKPOINT_INTERVAL": str(CHECKPOINT_INTERVAL),
-        "STREAM_LEASE_SECONDS": "3",
-        "REAPER_INTERVAL": "0.5",
-        "STREAM_STATE_TIMEOUT": "3",
-        "LAYER_WATCH_INTERVAL": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
-    servers: list[Server] = []
-
-    def start(name: str) -> Server:
-        server = Server(name, env)
-        servers.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+        env = app_env(
+            upstream_url=_upstream_server.base_url,
+            channel_prefix=f"faults{os.getpid()}",
+            REDIS_URL=own_redis.url,
+            STREAM_CHECKPOINT_INTERVAL=str(CHECKPOINT_INTERVAL),
+            STREAM_LEASE_SECONDS="3",
+            REAPER_INTERVAL="0.5",
+            STREAM_STATE_TIMEOUT="3",
+            LAYER_WATCH_INTERVAL="0.5",
+        )
+    # Named, so the failover test can end exactly these processes' connections.
+    env["DATABASE_URL"] += f"?application_name={APP_NAME}"
+    with server_factory(env) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -11,142 +11,38 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 from channels.db import database_sync_to_async
-from django.conf import settings as django_settings
-from django.db import connection
 
 from chatapp.models import Message
 from tests.conftest import CHANNEL_LAYER_PREFIX, session_cookie
 from tests.factories import conversation_create, user_create
 from tests.fake_upstream import Gate, stream_reply
+from tests.servers import Server, app_env, require_services, server_factory
 from tests.test_streams import Viewer
 
-ROOT = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 2.0
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
 
 
-def _require_services() -> None:
-    missing = [name for name in ("DATABASE_URL", "REDIS_URL") if not os.environ.get(name)]
-    if missing:
-        reason = f"multi-process tests need PostgreSQL and Redis: set {' and '.join(missing)}"
-        if os.environ.get("REQUIRE_SERVICES"):
-            pytest.fail(f"REQUIRE_SERVICES is set but {reason}")
-        pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _database_url() -> str:
-    db = connection.settings_dict  # the test database pytest-django created
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-class Server:
-    """One daphne process serving the app."""
-
-    def __init__(self, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = _free_port()
-        # Lives as long as the server (closed in stop()).
-        self.log = tempfile.NamedTemporaryFile(prefix=f"daphne-{name}-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-            + ["chatapp.asgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"daphne {self.name} exited:\n{self.output()}")
-            try:
-                # /healthz checks the database and the channel layer, and starts the reaper.
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"daphne {self.name} did not become healthy:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def start_server(django_db_setup, django_db_blocker, _upstream_server):
     """A factory of daphne processes sharing the test database and this run's Redis prefix."""
-    _require_services()
+    require_services()
     with django_db_blocker.unblock():
-        database_url = _database_url()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "CHANNEL_LAYER_PREFIX": CHANNEL_LAYER_PREFIX,
-        "SECRET_KEY": django_settings.SECRET_KEY,  # the sessions made here must verify there
-        "DEBUG": "false",
-        "SECURE_HTTPS": "false",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "OPENAI_COMPAT_BASE_URL": _upstream_server.base_url,
-        "OPENAI_COMPAT_API_KEY": "test-key",
-        "OPENAI_COMPAT_MODELS": "fake-model",
-        "STREAM_CHECKPOINT_INTERVAL": "0.1",
-        "STREAM_LEASE_SECONDS": str(LEASE_SECONDS),
-        "REAPER_INTERVAL": "0.5",
-        "STREAM_STATE_TIMEOUT": "10",
-        "PYTHONUNBUFFERED": "1",
-    }
-    servers: list[Server] = []
-
-    def start(name: str) -> Server:
-        server = Server(name, env)
-        servers.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+        env = app_env(
+            upstream_url=_upstream_server.base_url,
+            channel_prefix=CHANNEL_LAYER_PREFIX,
+            STREAM_CHECKPOINT_INTERVAL="0.1",
+            STREAM_LEASE_SECONDS=str(LEASE_SECONDS),
+            REAPER_INTERVAL="0.5",
+            STREAM_STATE_TIMEOUT="10",
+        )
+    with server_factory(env) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
