@@ -22,6 +22,10 @@ _lock = threading.Lock()
 WRITES = ("INSERT", "UPDATE", "DELETE")
 
 
+# BENCH_SQL_LOG=path: every statement's first line is appended there too (to see what a send runs).
+_SQL_LOG = open(os.environ["BENCH_SQL_LOG"], "a") if os.environ.get("BENCH_SQL_LOG") else None  # noqa: SIM115
+
+
 def count_statement(execute, sql, params, many, context):
     head = sql.lstrip()[:6].upper()
     rows = len(params) if many else 1  # a batched statement counts once per row it writes
@@ -29,6 +33,9 @@ def count_statement(execute, sql, params, many, context):
         COUNTS["statements"] += rows
         if head in WRITES:
             COUNTS["writes"] += rows
+        if _SQL_LOG is not None:
+            _SQL_LOG.write(f"{threading.current_thread().name}\t{rows}\t{sql[:160]}\n")
+            _SQL_LOG.flush()
     return execute(sql, params, many, context)
 
 
