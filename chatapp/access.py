@@ -4,11 +4,23 @@ Each raises Http404 (or ClientError for a model) when the user may not use the o
 forbidden object looks exactly like a missing one.
 """
 
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q
 from django.http import Http404
 
 from .errors import ClientError
 from .model_catalog import models_for_user
-from .models import Attachment, Batch, BatchItem, Conversation, ModelConfig
+from .models import (
+    Attachment,
+    Batch,
+    BatchItem,
+    Conversation,
+    Membership,
+    ModelConfig,
+    Project,
+    SavedPrompt,
+    Team,
+)
 
 
 def conversation_get_for_user(user, pk) -> Conversation:
@@ -44,7 +56,11 @@ def attachment_get_for_user(user, pk) -> Attachment:
         raise Http404("No such image") from None
     if attachment.message_id is None:
         if attachment.owner_id != user.pk:
-            raise Http404("No such image")
+            # A project's pinned reference image: whoever may use the project sees it.
+            pin = getattr(attachment, "project_pin", None)
+            if pin is None:
+                raise Http404("No such image")
+            project_get_for_user(user, pin.project_id)
     else:
         conversation_get_for_user(user, attachment.conversation_id)
     return attachment
@@ -69,3 +85,121 @@ def batch_item_get_for_user(user, batch_pk, item_pk) -> BatchItem:
         )
     except (BatchItem.DoesNotExist, ValueError, TypeError):
         raise Http404("No such item") from None
+
+
+# ---- projects and the prompt library ---------------------------------------------------------
+#
+# A personal project or prompt is its owner's only (while active). A team's is used (read) by
+# the team's active members and by staff, and curated (changed) by the team's admins and staff.
+# Using a team project never shows anyone another member's conversations: conversations stay
+# behind conversation_get_for_user (projects.project_conversations lists the viewer's own).
+
+
+def _team_ids(user, *, admin: bool = False) -> list[int]:
+    rows = Membership.objects.filter(user=user)
+    if admin:
+        rows = rows.filter(role=Membership.Role.ADMIN)
+    return list(rows.values_list("team_id", flat=True))
+
+
+def _readable(user) -> Q:
+    if user.is_staff:
+        return Q(owner=user) | Q(team__isnull=False)
+    return Q(owner=user) | Q(team_id__in=_team_ids(user))
+
+
+def _curated(user) -> Q:
+    if user.is_staff:
+        return Q(owner=user) | Q(team__isnull=False)
+    return Q(owner=user) | Q(team_id__in=_team_ids(user, admin=True))
+
+
+def projects_for_user(user):
+    """The projects `user` may use, personal first, then by team and name."""
+    if not user.is_authenticated or not user.is_active:
+        return Project.objects.none()
+    return (
+        Project.objects.filter(_readable(user))
+        .select_related("team", "default_model")
+        .order_by("team__name", "name", "id")
+    )
+
+
+def project_get_for_user(user, pk) -> Project:
+    """Raises Http404 unless `user` may use the project (put conversations in it, read it)."""
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such project")
+    try:
+        return projects_for_user(user).get(pk=pk)
+    except (Project.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such project") from None
+
+
+def project_may_curate(user, project: Project) -> bool:
+    if project.owner_id is not None:
+        return project.owner_id == user.pk
+    return bool(user.is_staff) or project.team_id in _team_ids(user, admin=True)
+
+
+def project_get_for_curator(user, pk) -> Project:
+    """Http404 unless the user may use it; PermissionDenied (403) unless they may change it."""
+    project = project_get_for_user(user, pk)
+    if not project_may_curate(user, project):
+        raise PermissionDenied("Only the team's admins change a team project.")
+    return project
+
+
+def prompts_for_user(user):
+    if not user.is_authenticated or not user.is_active:
+        return SavedPrompt.objects.none()
+    return SavedPrompt.objects.filter(_readable(user)).select_related("team")
+
+
+def prompt_get_for_user(user, pk) -> SavedPrompt:
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such prompt")
+    try:
+        return prompts_for_user(user).get(pk=pk)
+    except (SavedPrompt.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such prompt") from None
+
+
+def prompt_may_curate(user, prompt: SavedPrompt) -> bool:
+    if prompt.owner_id is not None:
+        return prompt.owner_id == user.pk
+    return bool(user.is_staff) or prompt.team_id in _team_ids(user, admin=True)
+
+
+def prompt_get_for_curator(user, pk) -> SavedPrompt:
+    prompt = prompt_get_for_user(user, pk)
+    if not prompt_may_curate(user, prompt):
+        raise PermissionDenied("Only the team's admins change a team prompt.")
+    return prompt
+
+
+def team_get_for_curator(user, team_id):
+    """The team whose projects and prompts `user` curates (admin of it, or staff); Http404 for
+    a team they are not in, PermissionDenied for a plain member."""
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such team")
+    from_teams = _team_ids(user)
+    try:
+        team_id = int(team_id)
+    except (TypeError, ValueError):
+        raise Http404("No such team") from None
+    if not user.is_staff and team_id not in from_teams:
+        raise Http404("No such team")
+    if not user.is_staff and team_id not in _team_ids(user, admin=True):
+        raise PermissionDenied("Only the team's admins curate its library.")
+    try:
+        return Team.objects.get(pk=team_id)
+    except Team.DoesNotExist:
+        raise Http404("No such team") from None
+
+
+def teams_curated_by(user) -> list:
+    if not user.is_authenticated or not user.is_active:
+        return []
+    if user.is_staff:
+        return list(Team.objects.all())
+    return list(Team.objects.filter(pk__in=_team_ids(user, admin=True)))

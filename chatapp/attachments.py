@@ -35,7 +35,14 @@ from PIL import Image
 from .errors import ClientError
 from .images import ProcessedUpload, data_url, sha256_hex
 from .model_catalog import models_for_user
-from .models import Attachment, AttachmentPart, Conversation, Message, StoredImage
+from .models import (
+    Attachment,
+    AttachmentPart,
+    Conversation,
+    Message,
+    ProjectPin,
+    StoredImage,
+)
 from .providers.openai_compat import video_part
 from .videos import ProcessedVideo, timestamp
 
@@ -284,6 +291,7 @@ def attachments_bind(
         .select_related("video")
         .filter(pk__in=attachment_ids, owner=user, message__isnull=True)
         .filter(Q(conversation__isnull=True) | Q(conversation=conversation))
+        .filter(project_pin__isnull=True)  # a project's pinned reference is sent as its prefix
     }
     if len(rows) != len(attachment_ids):
         raise ClientError(
@@ -552,6 +560,8 @@ def attachment_delete(*, attachment: Attachment) -> None:
     """Remove an unsent upload (the composer's remove button)."""
     if attachment.message_id is not None:
         raise ClientError("already_sent", "This image was sent and stays with its message.")
+    if ProjectPin.objects.filter(attachment=attachment).exists():
+        raise ClientError("pinned", "This image is pinned to a project: unpin it there.")
     image_ids = _image_ids_of(Attachment.objects.filter(pk=attachment.pk))
     attachment.delete()
     _delete_unreferenced(image_ids)
@@ -567,6 +577,7 @@ def attachments_purge_unsent(*, older_than: timedelta | None = None) -> int:
     stale = Attachment.objects.filter(
         message__isnull=True,
         batch_item__isnull=True,  # a batch's images live as long as the batch
+        project_pin__isnull=True,  # a project's pinned references live as long as their pin
         created_at__lt=timezone.now() - older_than,
     )
     _, deleted = stale.delete()
@@ -577,3 +588,14 @@ def attachments_purge_unsent(*, older_than: timedelta | None = None) -> int:
     )
     _delete_unreferenced(set(orphans.values_list("pk", flat=True)))
     return deleted.get(Attachment._meta.label, 0)
+
+
+# ---- project pins (chatapp/projects.py) ------------------------------------------------------
+
+
+def attachments_delete(*, attachments) -> None:
+    """Delete these attachments (a queryset) and the stored images nothing else references
+    (an unpinned reference, a deleted project's pins). Call inside a transaction."""
+    image_ids = _image_ids_of(attachments)
+    attachments.delete()
+    _delete_unreferenced(image_ids)

@@ -30,7 +30,7 @@ from django.db.models import Sum
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ClientError
-from .models import Conversation, Message, ModelConfig
+from .models import AttachmentPart, Conversation, Message, ModelConfig, Project
 from .providers.base import ChatRequest
 from .videos import mp4_summary
 
@@ -164,7 +164,7 @@ def plan_request(
     request = ChatRequest(
         model=model.model_id,
         messages=messages,
-        affinity_id=conversation.affinity_id,
+        affinity_id=request_affinity_id(conversation),
         # A model without reasoning has no thinking switch to send.
         thinking=conversation.thinking if model.reasoning else None,
         max_output_tokens=budget,
@@ -201,6 +201,7 @@ def context_state(
             )
             if conversation.system_prompt:
                 used += text_tokens(conversation.system_prompt) + MESSAGE_OVERHEAD
+            used += project_prefix_tokens(conversation)
     if budget is None and model is not None:
         budget = min(
             conversation.max_output_tokens
@@ -254,6 +255,7 @@ def check_send_fits(*, conversation: Conversation, text: str, before_id: int | N
             text_tokens(c) + MESSAGE_OVERHEAD for c in stored.values_list("content", flat=True)
         )
         used += text_tokens(conversation.system_prompt)
+        used += project_prefix_tokens(conversation)
     used += text_tokens(text) + MESSAGE_OVERHEAD if text else 0
     check_fits(model=model, used=used)
 
@@ -285,3 +287,42 @@ async def acontext_for(conversation_id: int) -> dict | None:
     except Exception:
         log.exception("context state of conversation %s failed", conversation_id)
         return None
+
+
+# ---- projects (chatapp/projects.py builds the prefix itself) ----------------------------------
+
+
+def request_affinity_id(conversation: Conversation) -> str:
+    """A conversation in a project sends the project's affinity id: the provider's prefix cache
+    (the project's instructions and pinned references) is shared by all its conversations."""
+    if conversation.project_id is None:
+        return conversation.affinity_id
+    affinity = (
+        Project.objects.filter(pk=conversation.project_id)
+        .values_list("affinity_id", flat=True)
+        .first()
+    )
+    return affinity or conversation.affinity_id
+
+
+def project_prefix_tokens(conversation: Conversation) -> int:
+    """Estimated tokens of the project prefix (instructions and pinned images, by their stored
+    sizes, without reading the files), for the checks made before the request is built."""
+    if conversation.project_id is None:
+        return 0
+    instructions = (
+        Project.objects.filter(pk=conversation.project_id)
+        .values_list("instructions", flat=True)
+        .first()
+    )
+    if instructions is None:
+        return 0
+    total = text_tokens(instructions) + MESSAGE_OVERHEAD if instructions else 0
+    sizes = AttachmentPart.objects.filter(
+        attachment__project_pin__project_id=conversation.project_id
+    ).values_list("image__width", "image__height")
+    if sizes:
+        total += MESSAGE_OVERHEAD
+        for width, height in sizes:
+            total += max(64, math.ceil(width * height / IMAGE_TILE))
+    return total

@@ -17,13 +17,16 @@ from .attachments import (
 from .errors import ClientError
 from .models import Conversation, Message, ModelConfig
 from .pricing import cache_savings
+from .projects import request_prefix
 
 TITLE_MAX = 80
 UNSET = object()
 
 
 def conversation_list_for_user(user) -> list[Conversation]:
-    return list(Conversation.objects.filter(owner=user).only("id", "title", "updated_at")[:200])
+    return list(
+        Conversation.objects.filter(owner=user).only("id", "title", "updated_at", "project")[:200]
+    )
 
 
 def conversation_create(*, owner, model: ModelConfig | None, team=UNSET) -> Conversation:
@@ -128,14 +131,17 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
 
 
 def history_for_request(conversation: Conversation, *, before: Message) -> list[dict]:
-    """The OpenAI message list for a reply: system prompt, then every earlier turn as stored.
+    """The OpenAI message list for a reply: the project's prefix (if any), the system prompt,
+    then every earlier turn as stored.
 
     Built the same way every turn, so turn N+1's list starts with turn N's list plus its reply.
     """
-    messages: list[dict] = []
+    vision = conversation.model.vision if conversation.model else True
+    # A project's instructions and pinned references come first, byte-identical across its
+    # conversations (chatapp/projects.py), so its prefix cache is shared.
+    messages: list[dict] = request_prefix(conversation, vision=vision)
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
-    vision = conversation.model.vision if conversation.model else True
     # K3 and K2.7 Code want every earlier assistant turn's reasoning back, not only tool turns'.
     echo_all = bool(
         conversation.model and (conversation.model.contract or {}).get("echo_reasoning") == "all"

@@ -108,14 +108,22 @@ def conversation_settings_to_dict(conversation: Conversation) -> dict:
     }
 
 
-def conversation_search(*, user, query: str) -> list[dict]:
-    """The user's conversations whose title or any message contains `query` (newest first)."""
+def conversation_search(*, user, query: str, project: str = "") -> list[dict]:
+    """The user's conversations whose title or any message contains `query` (newest first);
+    `project` (an id, or "none") keeps only those in that project (or in none)."""
     query = " ".join(query.split())
     if not query:
         return []
+    mine = Conversation.objects.filter(owner=user)
+    if project == "none":
+        mine = mine.filter(project__isnull=True)
+    elif project:
+        try:
+            mine = mine.filter(project_id=int(project))
+        except ValueError:
+            raise ClientError("bad_project", "That is not a project.") from None
     matches = (
-        Conversation.objects.filter(owner=user)
-        .filter(Q(title__icontains=query) | Q(messages__content__icontains=query))
+        mine.filter(Q(title__icontains=query) | Q(messages__content__icontains=query))
         .distinct()
         .only("id", "title", "updated_at")[:SEARCH_LIMIT]
     )

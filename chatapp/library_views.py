@@ -21,7 +21,14 @@ def _error(exc: ClientError) -> JsonResponse:
 @login_required
 @require_GET
 def conversation_search(request: HttpRequest) -> JsonResponse:
-    results = library.conversation_search(user=request.user, query=request.GET.get("q", ""))
+    try:
+        results = library.conversation_search(
+            user=request.user,
+            query=request.GET.get("q", ""),
+            project=request.GET.get("project", ""),
+        )
+    except ClientError as exc:
+        return _error(exc)
     for result in results:
         result["url"] = f"/c/{result['id']}/"
     return JsonResponse({"results": results})

@@ -327,6 +327,15 @@ class Conversation(models.Model):
     affinity_id = models.CharField(
         max_length=40, unique=True, default=new_affinity_id, editable=False
     )
+    # The project it belongs to (chatapp/projects.py); its instructions and pinned attachments
+    # come first in every request, sent with the project's affinity id.
+    project = models.ForeignKey(
+        "Project",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="conversations",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -644,3 +653,114 @@ class BatchItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id}/{self.position}"
+
+
+# ---- projects and the prompt library (chatapp/projects.py, chatapp/prompts.py) -----------------
+
+
+class Project(models.Model):
+    """A group of conversations with shared instructions, pinned reference attachments and
+    defaults. Personal (owner set) or a team's (team set): exactly one of the two.
+
+    Its instructions and pinned attachments open every request of its conversations,
+    byte-identical, sent with its own affinity id so the provider's prefix cache is shared by
+    the whole project. A team project never shows a member another member's conversations.
+    """
+
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="projects",
+    )
+    team = models.ForeignKey(
+        Team, on_delete=models.CASCADE, null=True, blank=True, related_name="projects"
+    )
+    instructions = models.TextField(blank=True)
+    default_model = models.ForeignKey(
+        ModelConfig, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    max_output_tokens = models.PositiveIntegerField("default output budget", null=True, blank=True)
+    affinity_id = models.CharField(
+        max_length=40, unique=True, default=new_affinity_id, editable=False
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(owner__isnull=False) & models.Q(team__isnull=True))
+                | (models.Q(owner__isnull=True) & models.Q(team__isnull=False)),
+                name="project_personal_or_team",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ProjectPin(models.Model):
+    """A reference attachment (an uploaded image or PDF page) pinned to a project."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pins")
+    attachment = models.OneToOneField(
+        Attachment, on_delete=models.CASCADE, related_name="project_pin"
+    )
+    position = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["position", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.project_id}/{self.attachment_id}"
+
+
+class SavedPrompt(models.Model):
+    """A prompt of the library: personal (owner) or a team's (team), with {{variables}}."""
+
+    title = models.CharField(max_length=200)
+    text = models.TextField()
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="saved_prompts",
+    )
+    team = models.ForeignKey(
+        Team, on_delete=models.CASCADE, null=True, blank=True, related_name="saved_prompts"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["title", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(owner__isnull=False) & models.Q(team__isnull=True))
+                | (models.Q(owner__isnull=True) & models.Q(team__isnull=False)),
+                name="prompt_personal_or_team",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.title

@@ -1,7 +1,16 @@
 from django.contrib import admin
 from django.urls import path
 
-from . import account_views, batch_views, image_views, library_views, oidc_views, views
+from . import (
+    account_views,
+    batch_views,
+    image_views,
+    library_views,
+    oidc_views,
+    project_views,
+    prompt_views,
+    views,
+)
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -95,6 +104,36 @@ urlpatterns = [
     path(
         "batches/<int:pk>/export.jsonl", batch_views.batch_export_jsonl, name="batch-export-jsonl"
     ),
+    # ---- projects and the prompt library (project_views.py, prompt_views.py) ----
+    path("projects/", project_views.projects_page, name="projects"),
+    path("projects/new", project_views.project_create, name="project-create"),
+    path("projects/<int:pk>/", project_views.project_page, name="project"),
+    path("projects/<int:pk>/edit", project_views.project_update, name="project-update"),
+    path("projects/<int:pk>/delete", project_views.project_delete, name="project-delete"),
+    path(
+        "projects/<int:pk>/new-chat",
+        project_views.project_conversation_new,
+        name="project-conversation-new",
+    ),
+    path(
+        "projects/<int:pk>/pins/<int:attachment_pk>/remove",
+        project_views.project_pin_remove,
+        name="project-pin-remove",
+    ),
+    path("api/projects/", project_views.project_list, name="project-list"),
+    path("api/projects/<int:pk>/pins", project_views.project_pins, name="project-pins"),
+    path(
+        "api/conversations/<int:pk>/project",
+        project_views.conversation_project,
+        name="conversation-project",
+    ),
+    path("prompts/", prompt_views.prompts_page, name="prompts"),
+    path("prompts/new", prompt_views.prompt_create, name="prompt-create"),
+    path("prompts/<int:pk>/edit", prompt_views.prompt_update, name="prompt-update"),
+    path("prompts/<int:pk>/delete", prompt_views.prompt_delete, name="prompt-delete"),
+    path("prompts/export.json", prompt_views.prompts_export, name="prompts-export"),
+    path("prompts/import", prompt_views.prompts_import, name="prompts-import"),
+    path("api/prompts/", prompt_views.prompt_list, name="prompt-list"),
     path("healthz", views.healthz, name="healthz"),
     # The admin's log-out, through the app's view so it is audited too (matched before admin's).
     path(

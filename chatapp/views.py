@@ -13,6 +13,7 @@ from .errors import ClientError
 from .health import health_status
 from .library import conversation_settings_to_dict, model_gone_to_dict, model_to_dict
 from .model_catalog import default_model_for, models_for_user
+from .projects import project_to_dict, sidebar_groups
 
 
 def _page(request: HttpRequest, conversation=None) -> HttpResponse:
@@ -25,8 +26,11 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
         )
     if current is None:
         current = default_model_for(request.user)
+    conversations = conversation_list_for_user(request.user)
     context = {
-        "conversations": conversation_list_for_user(request.user),
+        "conversations": [c for c in conversations if c.project_id is None],
+        # Projects: the sidebar's groups (chatapp/projects.py).
+        "project_groups": sidebar_groups(request.user, conversations),
         "conversation": conversation,
         "models": models,
         "current_model": current,
@@ -39,6 +43,11 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
             "models": [model_to_dict(m) for m in models],
             "settings": conversation_settings_to_dict(conversation) if conversation else None,
             "model_gone": gone,
+            "project": (
+                project_to_dict(conversation.project, user=request.user)
+                if conversation and conversation.project_id
+                else None
+            ),
         },
     }
     return render(request, "chatapp/chat.html", context)

@@ -430,6 +430,208 @@ URL_CASES = {
 }
 
 
+# ---- projects and the prompt library -------------------------------------------------------
+# Personal ones are their owner's only (404 for everyone else, staff too). A team's are used by
+# its members, admins and staff, changed only by its admins and staff (403 for a member), and
+# 404 for another team.
+
+
+def _project(world: dict, *, team: bool) -> int:
+    from chatapp.models import Project
+
+    if team:
+        project = Project.objects.create(name="Team project", team=world["team"])
+    else:
+        project = Project.objects.create(name="Owner project", owner=world["users"]["owner"])
+    return project.pk
+
+
+def _pinned(world: dict) -> tuple[int, int]:
+    """A team project with a reference image pinned by the team admin -> (project, image)."""
+    from chatapp.attachments import attachment_create
+    from chatapp.images import process_upload
+    from chatapp.models import ProjectPin
+    from tests.image_factories import encode, screenshot
+
+    project = _project(world, team=True)
+    attachment = attachment_create(
+        owner=world["users"]["team_admin"],
+        conversation=None,
+        filename="reference.png",
+        processed=process_upload(encode(screenshot(64, 48), "PNG")),
+    )
+    ProjectPin.objects.create(project_id=project, attachment=attachment)
+    return project, attachment.pk
+
+
+def _prompt(world: dict, *, team: bool) -> int:
+    from chatapp.models import SavedPrompt
+
+    if team:
+        return SavedPrompt.objects.create(title="T", text="t {{x}}", team=world["team"]).pk
+    return SavedPrompt.objects.create(title="P", text="p", owner=world["users"]["owner"]).pk
+
+
+def _prompts_file():
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile("prompts.json", b'{"prompts": [{"title": "a", "text": "b"}]}')
+
+
+# Use a team's thing: its members, admins and staff; change it: its admins and staff.
+TEAM_USE = {"owner": 200, "member": 200, "team_admin": 200, "staff": 200}
+
+
+def team_change(result) -> dict:
+    return only({"team_admin": result, "staff": result, "owner": 403, "member": 403}, others=404)
+
+
+URL_CASES.update(
+    {
+        "projects": Case("get", lambda w: "/projects/", every(200), route="projects/"),
+        "project-create": Case(
+            "post",
+            lambda w: "/projects/new",
+            every((302, "/projects/")),
+            data=lambda w: {"name": "Mine"},
+            route="projects/new",
+        ),
+        "project-create-team": Case(
+            "post",
+            lambda w: "/projects/new",
+            team_change((302, "/projects/")),
+            data=lambda w: {"name": "Ours", "scope": str(w["team"].pk)},
+            route="projects/new",
+        ),
+        "project": Case(
+            "get",
+            lambda w: f"/projects/{_project(w, team=False)}/",
+            only({"owner": 200}, others=404),
+            route="projects/<int:pk>/",
+        ),
+        "project-team": Case(
+            "get",
+            lambda w: f"/projects/{_project(w, team=True)}/",
+            only(TEAM_USE, others=404),
+            route="projects/<int:pk>/",
+        ),
+        "project-update": Case(
+            "post",
+            lambda w: f"/projects/{_project(w, team=False)}/edit",
+            only({"owner": (302, "/projects/")}, others=404),
+            data=lambda w: {"name": "Renamed"},
+            route="projects/<int:pk>/edit",
+        ),
+        "project-update-team": Case(
+            "post",
+            lambda w: f"/projects/{_project(w, team=True)}/edit",
+            team_change((302, "/projects/")),
+            data=lambda w: {"name": "Renamed"},
+            route="projects/<int:pk>/edit",
+        ),
+        "project-delete": Case(
+            "post",
+            lambda w: f"/projects/{_project(w, team=True)}/delete",
+            team_change((302, "/projects/")),
+            route="projects/<int:pk>/delete",
+        ),
+        "project-conversation-new": Case(
+            "post",
+            lambda w: f"/projects/{_project(w, team=True)}/new-chat",
+            only({role: (302, "/c/") for role in TEAM_USE}, others=404),
+            route="projects/<int:pk>/new-chat",
+        ),
+        "project-pin-remove": Case(
+            "post",
+            lambda w: "/projects/{}/pins/{}/remove".format(*_pinned(w)),
+            team_change((302, "/projects/")),
+            route="projects/<int:pk>/pins/<int:attachment_pk>/remove",
+        ),
+        # No attachments given: a curator is told what is missing (400).
+        "project-pins": Case(
+            "post",
+            lambda w: f"/api/projects/{_project(w, team=True)}/pins",
+            team_change(400),
+            route="api/projects/<int:pk>/pins",
+        ),
+        "project-list": Case("get", lambda w: "/api/projects/", every(200), route="api/projects/"),
+        "pinned-thumbnail": Case(
+            "get",
+            lambda w: f"/attachments/{_pinned(w)[1]}/thumbnail/",
+            only(TEAM_USE, others=404, anonymous=404, deactivated=404),
+            route="attachments/<int:pk>/thumbnail/",
+        ),
+        # The owner's conversation into the team project: only its owner moves it.
+        "conversation-project": Case(
+            "post",
+            lambda w: f"/api/conversations/{w['conversation'].pk}/project",
+            only({"owner": 200}, others=404),
+            data=lambda w: {"project": str(_project(w, team=True))},
+            route="api/conversations/<int:pk>/project",
+        ),
+        "prompts": Case("get", lambda w: "/prompts/", every(200), route="prompts/"),
+        "prompt-create": Case(
+            "post",
+            lambda w: "/prompts/new",
+            every((302, "/prompts/")),
+            data=lambda w: {"title": "t", "text": "x"},
+            route="prompts/new",
+        ),
+        "prompt-create-team": Case(
+            "post",
+            lambda w: "/prompts/new",
+            team_change((302, "/prompts/")),
+            data=lambda w: {"title": "t", "text": "x", "scope": str(w["team"].pk)},
+            route="prompts/new",
+        ),
+        "prompt-update": Case(
+            "post",
+            lambda w: f"/prompts/{_prompt(w, team=False)}/edit",
+            only({"owner": (302, "/prompts/")}, others=404),
+            data=lambda w: {"title": "t", "text": "x"},
+            route="prompts/<int:pk>/edit",
+        ),
+        "prompt-update-team": Case(
+            "post",
+            lambda w: f"/prompts/{_prompt(w, team=True)}/edit",
+            team_change((302, "/prompts/")),
+            data=lambda w: {"title": "t", "text": "x"},
+            route="prompts/<int:pk>/edit",
+        ),
+        "prompt-delete": Case(
+            "post",
+            lambda w: f"/prompts/{_prompt(w, team=True)}/delete",
+            team_change((302, "/prompts/")),
+            route="prompts/<int:pk>/delete",
+        ),
+        "prompt-list": Case("get", lambda w: "/api/prompts/", every(200), route="api/prompts/"),
+        "prompts-export": Case(
+            "get", lambda w: "/prompts/export.json", every(200), route="prompts/export.json"
+        ),
+        "prompts-export-team": Case(
+            "get",
+            lambda w: f"/prompts/export.json?team={w['team'].pk}",
+            team_change(200),
+            route="prompts/export.json",
+        ),
+        "prompts-import": Case(
+            "post",
+            lambda w: "/prompts/import",
+            every((302, "/prompts/")),
+            data=lambda w: {"file": _prompts_file()},
+            route="prompts/import",
+        ),
+        "prompts-import-team": Case(
+            "post",
+            lambda w: "/prompts/import",
+            team_change((302, "/prompts/")),
+            data=lambda w: {"file": _prompts_file(), "scope": str(w["team"].pk)},
+            route="prompts/import",
+        ),
+    }
+)
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name", sorted(URL_CASES))
@@ -450,7 +652,7 @@ def test_url_access(name, role, rf, request):
     if location is not None:
         assert response["Location"].startswith(location), f"{name} as {role}"
     if role != "owner" and response.status_code == 200:
-        assert "private answer" not in response.content.decode() or role == "staff"
+        assert b"private answer" not in response.content or role == "staff"
 
 
 def test_every_route_is_in_the_matrix():

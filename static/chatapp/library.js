@@ -90,7 +90,7 @@ export function addToList(conversation, url) {
 }
 
 export function setListTitle(id, title) {
-  const link = document.querySelector(`#conversation-list a[data-id="${id}"]`);
+  const link = document.querySelector(`#sidebar a[data-id="${id}"]`);
   if (link) link.textContent = title || "New chat";
 }
 
@@ -98,15 +98,19 @@ async function runSearch() {
   const query = $("search").value.trim();
   const results = $("search-results");
   const serial = ++searchSerial;
+  // The project filter beside the search (projects.js) narrows it too.
+  const project = $("search-project")?.value || "";
   if (!query) {
     results.hidden = true;
-    $("conversation-list").hidden = false;
+    $("conversation-list").hidden = project !== "" && project !== "none";
+    $("sidebar").classList.remove("searching");
     $("search-status").textContent = "";
     return;
   }
   let found;
   try {
-    found = (await getJSON(`/api/conversations/search?q=${encodeURIComponent(query)}`)).results;
+    const url = `/api/conversations/search?q=${encodeURIComponent(query)}&project=${encodeURIComponent(project)}`;
+    found = (await getJSON(url)).results;
   } catch (error) {
     found = null;
     $("search-status").textContent = error.message;
@@ -141,6 +145,7 @@ async function runSearch() {
   }
   results.hidden = false;
   $("conversation-list").hidden = true;
+  $("sidebar").classList.add("searching");
 }
 
 async function rename() {
