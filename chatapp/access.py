@@ -135,6 +135,18 @@ def project_get_for_user(user, pk) -> Project:
         raise Http404("No such project") from None
 
 
+def conversation_project(conversation: Conversation) -> Project | None:
+    """The project whose prefix and affinity id the conversation's requests carry: its project,
+    while its owner may still use it (someone who left the team keeps the conversation, not
+    the team's instructions and references)."""
+    if conversation.project_id is None:
+        return None
+    owner = conversation.owner
+    if not owner.is_active:
+        return None
+    return projects_for_user(owner).filter(pk=conversation.project_id).first()
+
+
 def project_may_curate(user, project: Project) -> bool:
     if project.owner_id is not None:
         return project.owner_id == user.pk

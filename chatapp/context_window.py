@@ -29,8 +29,9 @@ from django.conf import settings
 from django.db.models import Sum
 from PIL import Image, UnidentifiedImageError
 
+from .access import conversation_project
 from .errors import ClientError
-from .models import AttachmentPart, Conversation, Message, ModelConfig, Project
+from .models import AttachmentPart, Conversation, Message, ModelConfig
 from .providers.base import ChatRequest
 from .videos import mp4_summary
 
@@ -295,32 +296,23 @@ async def acontext_for(conversation_id: int) -> dict | None:
 def request_affinity_id(conversation: Conversation) -> str:
     """A conversation in a project sends the project's affinity id: the provider's prefix cache
     (the project's instructions and pinned references) is shared by all its conversations."""
-    if conversation.project_id is None:
-        return conversation.affinity_id
-    affinity = (
-        Project.objects.filter(pk=conversation.project_id)
-        .values_list("affinity_id", flat=True)
-        .first()
-    )
-    return affinity or conversation.affinity_id
+    project = conversation_project(conversation)
+    return project.affinity_id if project is not None else conversation.affinity_id
 
 
 def project_prefix_tokens(conversation: Conversation) -> int:
     """Estimated tokens of the project prefix (instructions and pinned images, by their stored
     sizes, without reading the files), for the checks made before the request is built."""
-    if conversation.project_id is None:
+    project = conversation_project(conversation)
+    if project is None:
         return 0
-    instructions = (
-        Project.objects.filter(pk=conversation.project_id)
-        .values_list("instructions", flat=True)
-        .first()
-    )
-    if instructions is None:
-        return 0
+    instructions = project.instructions
     total = text_tokens(instructions) + MESSAGE_OVERHEAD if instructions else 0
-    sizes = AttachmentPart.objects.filter(
-        attachment__project_pin__project_id=conversation.project_id
-    ).values_list("image__width", "image__height")
+    sizes = list(
+        AttachmentPart.objects.filter(attachment__project_pin__project_id=project.pk).values_list(
+            "image__width", "image__height"
+        )
+    )
     if sizes:
         total += MESSAGE_OVERHEAD
         for width, height in sizes:

@@ -19,7 +19,12 @@ from django.db import transaction
 from django.db.models import Prefetch, Sum
 
 from . import audit, teams
-from .access import model_get_for_user, project_may_curate, projects_for_user
+from .access import (
+    conversation_project,
+    model_get_for_user,
+    project_may_curate,
+    projects_for_user,
+)
 from .attachments import attachment_to_dict, attachments_delete, prefetch, read_image
 from .errors import ClientError
 from .images import data_url
@@ -89,17 +94,21 @@ def project_cache_share(project: Project) -> dict:
     }
 
 
-def sidebar_groups(user, conversations: list[Conversation]) -> list[dict]:
-    """The sidebar's project groups: every project the user may use, each with the user's own
-    conversations in it (from `conversations`, the sidebar's list)."""
+def sidebar_groups(user, conversations: list[Conversation]) -> tuple[list[dict], list]:
+    """The sidebar's project groups (every project the user may use, each with the user's own
+    conversations in it, from `conversations`) and the conversations in none of them (a
+    project the user may no longer use counts as none)."""
     groups = {
         project.pk: {"project": project, "conversations": []} for project in projects_for_user(user)
     }
+    ungrouped = []
     for conversation in conversations:
         group = groups.get(conversation.project_id)
         if group is not None:
             group["conversations"].append(conversation)
-    return list(groups.values())
+        else:
+            ungrouped.append(conversation)
+    return list(groups.values()), ungrouped
 
 
 # ---- the request prefix --------------------------------------------------------------------------
@@ -109,9 +118,7 @@ def request_prefix(conversation: Conversation, *, vision: bool) -> list[dict]:
     """The messages every request of the conversation's project starts with (none outside a
     project): its instructions, then its pinned references. Built only from the project, so it
     is byte-identical across the project's conversations (for models alike in vision)."""
-    if conversation.project_id is None:
-        return []
-    project = Project.objects.filter(pk=conversation.project_id).first()
+    project = conversation_project(conversation)
     if project is None:
         return []
     messages: list[dict] = []

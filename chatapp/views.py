@@ -26,11 +26,13 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
         )
     if current is None:
         current = default_model_for(request.user)
-    conversations = conversation_list_for_user(request.user)
+    # Projects: the sidebar's groups, and the conversations in none (chatapp/projects.py).
+    project_groups, ungrouped = sidebar_groups(
+        request.user, conversation_list_for_user(request.user)
+    )
     context = {
-        "conversations": [c for c in conversations if c.project_id is None],
-        # Projects: the sidebar's groups (chatapp/projects.py).
-        "project_groups": sidebar_groups(request.user, conversations),
+        "conversations": ungrouped,
+        "project_groups": project_groups,
         "conversation": conversation,
         "models": models,
         "current_model": current,

@@ -283,3 +283,28 @@ def test_deleting_a_project_keeps_its_conversations_and_drops_its_pins(fake_upst
     assert Conversation.objects.get(pk=conversation.pk).project_id is None
     assert not Attachment.objects.filter(pk=pin.pk).exists()
     assert AuditEntry.objects.filter(action="project.deleted").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_someone_who_left_the_team_keeps_the_chat_not_the_projects_prefix(fake_upstream):
+    from chatapp.models import Membership
+
+    world = await database_sync_to_async(_team_project)(pins=1)
+    # Alice's chat is charged to her other team; she put it in Design's project, then left Design.
+    home = await database_sync_to_async(team_create)(name="Home", members=[world["alice"]])
+    conversation = await database_sync_to_async(conversation_create)(
+        owner=world["alice"], team=home, project=world["project"]
+    )
+    await Membership.objects.filter(user=world["alice"], team=world["team"]).adelete()
+    ws = await connect(world["alice"], conversation.pk)
+    await ws.receive_json_from()
+    await ws.send_json_to({"type": "send", "text": "still mine"})
+    frames = await receive_until(ws, "reply.end", timeout=30)
+    await ws.disconnect()
+    assert frames[-1]["message"]["status"] == "complete"
+    (request,) = fake_upstream.chat_requests()
+    assert request.json["messages"] == [{"role": "user", "content": "still mine"}]
+    assert request.headers["x-session-affinity"] == conversation.affinity_id
+    page = await database_sync_to_async(lambda: _client(world["alice"]).get("/").content)()
+    assert b"Dashboard reviews" not in page
+    assert f'href="/c/{conversation.pk}/"'.encode() in page  # listed outside any project
