@@ -301,7 +301,8 @@ def project_pin_add(*, project: Project, user, attachment_ids, request=None) -> 
     with transaction.atomic():
         rows = {
             a.pk: a
-            for a in Attachment.objects.select_for_update().filter(
+            # of=self: the reverse one-to-one joins are outer joins, which PostgreSQL cannot lock.
+            for a in Attachment.objects.select_for_update(of=("self",)).filter(
                 pk__in=ids,
                 owner=user,
                 message__isnull=True,
