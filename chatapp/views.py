@@ -6,7 +6,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from .access import conversation_get_for_user, model_get_for_user
+from .access import conversation_get_for_user, conversation_project, model_get_for_user
 from .context_window import context_state
 from .conversations import conversation_create, conversation_list_for_user, conversation_messages
 from .errors import ClientError
@@ -26,6 +26,7 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
         )
     if current is None:
         current = default_model_for(request.user)
+    project = conversation_project(conversation) if conversation else None
     # Projects: the sidebar's groups, and the conversations in none (chatapp/projects.py).
     project_groups, ungrouped = sidebar_groups(
         request.user, conversation_list_for_user(request.user)
@@ -45,11 +46,7 @@ def _page(request: HttpRequest, conversation=None) -> HttpResponse:
             "models": [model_to_dict(m) for m in models],
             "settings": conversation_settings_to_dict(conversation) if conversation else None,
             "model_gone": gone,
-            "project": (
-                project_to_dict(conversation.project, user=request.user)
-                if conversation and conversation.project_id
-                else None
-            ),
+            "project": project_to_dict(project, user=request.user) if project else None,
         },
     }
     return render(request, "chatapp/chat.html", context)

@@ -32,6 +32,16 @@ function placeInList(conversationId, projectId) {
   target.prepend(item);
 }
 
+// The open conversation's project, beside its title.
+function showBadge(project) {
+  const badge = $("project-badge");
+  badge.hidden = !project;
+  if (!project) return;
+  badge.href = project.url;
+  badge.textContent = project.name;
+  badge.title = `In the project ${project.name}`;
+}
+
 async function move(conversationId, projectId) {
   const result = await postForm(
     `/api/conversations/${conversationId}/project`,
@@ -39,6 +49,7 @@ async function move(conversationId, projectId) {
     "Could not move the conversation.",
   );
   placeInList(conversationId, projectId);
+  if (conversationId === currentConversationId()) showBadge(result.project);
   const announcer = $("announcer");
   if (announcer) {
     announcer.textContent = result.project ? `Moved to ${result.project.name}.` : "Moved out of its project.";
@@ -154,6 +165,7 @@ function applyFilter() {
   if ($("search").value.trim()) $("search").dispatchEvent(new Event("input"));
 }
 
+showBadge(JSON.parse(document.getElementById("page-data").textContent).project);
 setupDrag();
 $("move-to-project").addEventListener("click", openMoveDialog);
 $("search-project").addEventListener("change", applyFilter);

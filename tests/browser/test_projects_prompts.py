@@ -107,6 +107,8 @@ def test_a_conversation_moves_into_a_project_and_the_sidebar_groups_it(page, ups
     page.get_by_label("Project", exact=True).select_option(label="Dashboard reviews")
     page.get_by_role("button", name="Move", exact=True).click()
     expect(group.get_by_role("link", name="Menu chat")).to_be_visible()
+    expect(page.get_by_role("link", name="Dashboard reviews", exact=True).first).to_be_visible()
+    expect(page.locator("#project-badge")).to_have_text("Dashboard reviews")
     screenshot(page, "projects-03-moved-by-menu")
     page.reload()
     expect(
