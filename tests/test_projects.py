@@ -308,3 +308,29 @@ async def test_someone_who_left_the_team_keeps_the_chat_not_the_projects_prefix(
     page = await database_sync_to_async(lambda: _client(world["alice"]).get("/").content)()
     assert b"Dashboard reviews" not in page
     assert f'href="/c/{conversation.pk}/"'.encode() in page  # listed outside any project
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_pinned_reference_is_not_sent_removed_or_purged_as_an_upload(fake_upstream):
+    from datetime import timedelta
+
+    from chatapp.attachments import attachments_purge_unsent
+
+    world = await database_sync_to_async(_team_project)(pins=1)
+    pin = await Attachment.objects.aget(project_pin__project=world["project"])
+    # Its uploader cannot send it as a message's image, nor remove it from the composer.
+    conversation = await database_sync_to_async(conversation_create)(owner=world["admin"])
+    ws = await connect(world["admin"], conversation.pk)
+    await ws.receive_json_from()
+    await ws.send_json_to({"type": "send", "text": "look", "attachments": [pin.pk]})
+    frames = await receive_until(ws, "error", timeout=30)
+    await ws.disconnect()
+    assert frames[-1]["code"] == "attachment_unavailable"
+    removed = await database_sync_to_async(
+        lambda: _client(world["admin"]).delete(f"/api/attachments/{pin.pk}/")
+    )()
+    assert removed.status_code == 400 and "pinned" in removed.json()["message"]
+    # Older than the unsent-upload TTL: still kept, it belongs to the project.
+    await database_sync_to_async(attachments_purge_unsent)(older_than=timedelta(seconds=-1))
+    assert await Attachment.objects.filter(pk=pin.pk).aexists()
+    assert fake_upstream.chat_requests() == []
