@@ -108,7 +108,17 @@ def sidebar_groups(user, conversations: list[Conversation]) -> tuple[list[dict],
             group["conversations"].append(conversation)
         else:
             ungrouped.append(conversation)
-    return list(groups.values()), ungrouped
+    # Staff may use every team's projects; their sidebar shows those of their own teams (and
+    # any holding one of their conversations), not every team's.
+    mine = {m.team_id for m in teams.memberships_for(user)}
+    shown = [
+        group
+        for group in groups.values()
+        if group["project"].owner_id == user.pk
+        or group["project"].team_id in mine
+        or group["conversations"]
+    ]
+    return shown, ungrouped
 
 
 # ---- the request prefix --------------------------------------------------------------------------

@@ -334,3 +334,15 @@ async def test_a_pinned_reference_is_not_sent_removed_or_purged_as_an_upload(fak
     await database_sync_to_async(attachments_purge_unsent)(older_than=timedelta(seconds=-1))
     assert await Attachment.objects.filter(pk=pin.pk).aexists()
     assert fake_upstream.chat_requests() == []
+
+
+@pytest.mark.django_db
+def test_staff_sidebar_shows_their_teams_projects_not_every_teams(fake_upstream):
+    world = _team_project(pins=0)
+    staff = user_create(username="root", is_staff=True)
+    client = _client(staff)
+    assert "Dashboard reviews" not in client.get("/").content.decode()
+    # They may still open and curate it (from the projects page).
+    assert "Dashboard reviews" in client.get("/projects/").content.decode()
+    assert client.get(f"/projects/{world['project'].pk}/").status_code == 200
+    assert "Dashboard reviews" in _client(world["alice"]).get("/").content.decode()
