@@ -1,8 +1,10 @@
 """HTTP transport for batches: the page, the uploads, the estimate, create and controls, exports.
 
 GET  /batches/ and /batches/<id>/       the Batch page (new batch form, or one batch's table)
-POST /api/batches/files                  multipart `file`: an image or a zip of images -> 201
-                                         {"images": [...], "errors": [...]}
+POST /api/batches/files                  multipart `file`: an image, a PDF (one image per page) or
+                                         a zip of them -> 201 {"images": [...], "errors": [...]}
+                                         (a bad file or page is reported in `errors`; the rest of
+                                         the upload is kept)
 POST /api/batches/estimate               JSON {model, question, fields, images} -> the estimate
 POST /api/batches/                       the same JSON (+ name) -> 201 {"id", "url"}, or 400
                                          with {"code", "message"} (e.g. budget_exceeded)
@@ -27,11 +29,11 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from . import batches, events, images, tasks
+from . import batches, events, images, pdfs, tasks
 from .access import batch_get_for_user, batch_item_get_for_user, model_get_for_user
-from .attachments import attachment_create, attachment_to_dict
+from .attachments import attachment_create, attachment_to_dict, clean_filename, format_bytes
 from .errors import ClientError
-from .image_views import _executor, _process
+from .image_views import _executor, _in_pool, _pdf_options, _pdf_timeout, _process
 from .model_catalog import default_model_for, models_for_user
 from .teams import current_team_for
 
@@ -73,15 +75,19 @@ def batch_page(request: HttpRequest, pk: int | None = None) -> HttpResponse:
 def _read_upload(request: HttpRequest) -> tuple[str, str, bytes]:
     upload = request.FILES.get("file")
     if upload is None:
-        raise ClientError("no_file", "Choose images or a zip of images.")
+        raise ClientError("no_file", "Choose images, PDFs or a zip of them.")
     if upload.size > settings.BATCH_MAX_UPLOAD_BYTES:
         raise ClientError("too_large", "That file is larger than the batch upload limit.")
     return upload.name, request.POST.get("model") or "", upload.read()
 
 
+def _member_limit() -> int:
+    return max(settings.IMAGE_MAX_UPLOAD_BYTES, settings.PDF_MAX_UPLOAD_BYTES)
+
+
 def _zip_members(data: bytes) -> list[tuple[str, bytes]]:
-    """The image files of a zip (folders, hidden files and macOS metadata skipped), each
-    bounded by the image upload limit before it is read (a zip bomb stops here)."""
+    """The files of a zip (folders, hidden files and macOS metadata skipped), each bounded by
+    the image (or PDF) upload limit before it is read (a zip bomb stops here)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -96,12 +102,55 @@ def _zip_members(data: bytes) -> list[tuple[str, bytes]]:
             raise ClientError(
                 "too_many", f"A batch takes at most {settings.BATCH_MAX_ITEMS} images."
             )
-        if info.file_size > settings.IMAGE_MAX_UPLOAD_BYTES:
+        if info.file_size > _member_limit():
             members.append((base, b""))  # refused below with the size message
             continue
         with archive.open(info) as handle:
-            members.append((base, handle.read(settings.IMAGE_MAX_UPLOAD_BYTES + 1)))
+            members.append((base, handle.read(_member_limit() + 1)))
     return members
+
+
+async def _pdf_pages(*, user, name: str, data: bytes, max_edge: int) -> tuple[list, list]:
+    """A PDF expanded to one stored image per page, rendered one page at a time (a long PDF
+    never holds all its pages in memory). -> (images, errors): a page that cannot be rendered
+    is reported and the other pages are kept; a PDF that cannot be opened (encrypted, corrupt,
+    over the page cap) is one error."""
+    if len(data) > settings.PDF_MAX_UPLOAD_BYTES:
+        limit = format_bytes(settings.PDF_MAX_UPLOAD_BYTES)
+        return [], [{"name": name, "message": f"{name} is larger than the {limit} PDF limit."}]
+    options = _pdf_options(max_edge)
+    options["max_pages"] = min(settings.PDF_MAX_PAGES, settings.BATCH_MAX_ITEMS)
+    try:
+        count = await _in_pool(
+            settings.PDF_RENDER_TIMEOUT,
+            _pdf_timeout(),
+            pdfs.pdf_page_count,
+            data,
+            name=name,
+            max_pages=options["max_pages"],
+        )
+    except pdfs.PdfError as exc:
+        return [], [{"name": name, "message": str(exc)}]
+    stored, errors = [], []
+    for number in range(1, count + 1):
+        page_name = f"page {number} of {name}"
+        try:
+            (page,) = await _in_pool(
+                settings.PDF_RENDER_TIMEOUT,
+                _pdf_timeout(),
+                pdfs.pdf_render_pages,
+                data,
+                [number],
+                name=name,
+                max_output_bytes=settings.IMAGE_MAX_OUTPUT_BYTES,
+                **options,
+            )
+            stored.append(
+                await sync_to_async(_store)(user=user, name=page_name, processed=page.processed)
+            )
+        except images.ImageError as exc:  # PdfError included
+            errors.append({"name": page_name, "message": str(exc)})
+    return stored, errors
 
 
 def _store(*, user, name: str, processed) -> dict:
@@ -139,6 +188,14 @@ async def batch_files(request: HttpRequest) -> JsonResponse:
         return _error(413 if exc.code == "too_large" else 400, exc.code, exc.message)
     stored, errors = [], []
     for member_name, member_data in members:
+        member_name = clean_filename(member_name)
+        if pdfs.is_pdf(member_data):
+            pages, problems = await _pdf_pages(
+                user=user, name=member_name, data=member_data, max_edge=max_edge
+            )
+            stored += pages
+            errors += problems
+            continue
         try:
             processed = await loop.run_in_executor(_executor(), _process, member_data, max_edge)
             stored.append(

@@ -7,6 +7,8 @@ event loop):
 * ``pdf_preview(data, ...)`` opens the document (refusing encrypted, corrupt and too long ones
   before any page is rendered), and returns its page count, a small thumbnail of the first pages
   and, for every page, the size its image will be sent at.
+* ``pdf_page_count(data, ...)`` opens it with the same refusals and only counts its pages (the
+  Batch page expands a PDF to one item per page, rendering one page at a time).
 * ``pdf_render_pages(data, pages, ...)`` renders the picked pages at a legible resolution and
   runs each through the image pipeline (images.process_image: sizing for legibility, tiles for
   very tall pages, the byte budget). A page too large to render within the pixel limit is
@@ -185,6 +187,18 @@ def pdf_preview(
                     page.close()
                 pages.append(PagePreview(index + 1, send_size, thumbnail))
             return PdfPreview(page_count=len(document), pages=pages)
+        finally:
+            document.close()
+
+
+def pdf_page_count(
+    data: bytes, *, name: str = "The PDF", max_pages: int = DEFAULT_MAX_PAGES
+) -> int:
+    """The page count from the page tree (nothing rendered); refusals as in pdf_preview."""
+    with _LOCK:
+        document = _open(data, max_pages=max_pages, name=name)
+        try:
+            return len(document)
         finally:
             document.close()
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from chatapp import tasks
@@ -633,3 +634,78 @@ def test_openai_batches_api_where_it_is_cheaper(fake_upstream, settings):
     assert [i.status for i in items] == ["done", "done", "failed"]
     assert items[0].answer == f"item {items[0].pk}" and items[1].answer == f"item {items[1].pk}"
     assert items[0].cost_usd == Decimal("0.000520")  # batch prices: 1000 x 0.50 + 10 x 2.00
+
+
+def test_pdfs_become_one_item_per_page_and_bad_ones_are_reported(fake_upstream, settings):
+    """A dropped PDF is expanded to one image per page (the workbench's renderer); in a zip, an
+    encrypted and a broken PDF are reported by name while everything else is kept."""
+    from PIL import Image
+
+    from chatapp.attachments import read_image
+    from tests.media_factories import PAGE_COLOURS, coloured_pdf, minimal_pdf
+
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    direct = client.post(
+        "/api/batches/files", {"file": SimpleUploadedFile("report.pdf", coloured_pdf(3))}
+    )
+    assert direct.status_code == 201, direct.content
+    pages = direct.json()["images"]
+    assert [p["name"] for p in pages] == [f"page {n} of report.pdf" for n in (1, 2, 3)]
+    assert direct.json()["errors"] == []
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("scans/a.png", _png(1))
+        archive.writestr("scans/locked.pdf", minimal_pdf(2, encrypt=True))
+        archive.writestr("scans/broken.pdf", coloured_pdf(2)[:600])
+        archive.writestr("scans/two.pdf", coloured_pdf(2))
+    mixed = client.post("/api/batches/files", {"file": io.BytesIO(buffer.getvalue())}).json()
+    assert [i["name"] for i in mixed["images"]] == [
+        "a.png",
+        "page 1 of two.pdf",
+        "page 2 of two.pdf",
+    ]
+    problems = {e["name"]: e["message"] for e in mixed["errors"]}
+    assert "locked.pdf is encrypted" in problems["locked.pdf"]
+    assert "broken.pdf could not be read as a PDF" in problems["broken.pdf"]
+    # A PDF over the page cap is refused before any page is rendered; nothing stored.
+    settings.PDF_MAX_PAGES = 4
+    long_pdf = client.post(
+        "/api/batches/files", {"file": SimpleUploadedFile("long.pdf", minimal_pdf(9))}
+    ).json()
+    assert (
+        long_pdf["images"] == []
+        and "has 9 pages; the limit is 4" in long_pdf["errors"][0]["message"]
+    )
+    # A page that cannot be rendered is reported by page; the upload still answers.
+    settings.PDF_MAX_PAGE_PIXELS = 1000
+    huge = client.post(
+        "/api/batches/files", {"file": SimpleUploadedFile("huge.pdf", coloured_pdf(2))}
+    ).json()
+    assert huge["images"] == []
+    assert [e["name"] for e in huge["errors"]] == ["page 1 of huge.pdf", "page 2 of huge.pdf"]
+    assert "too large to render" in huge["errors"][0]["message"]
+
+    ids = [p["id"] for p in pages] + [i["id"] for i in mixed["images"]]
+    response = _create(client, model=model.pk, question="What colour?", images=ids)
+    assert response.status_code == 201, response.content
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    items = list(batch.items.order_by("position").select_related("attachment"))
+    assert [i.filename for i in items] == [
+        "page 1 of report.pdf",
+        "page 2 of report.pdf",
+        "page 3 of report.pdf",
+        "a.png",
+        "page 1 of two.pdf",
+        "page 2 of two.pdf",
+    ]
+    assert {i.status for i in items} == {"done"}
+    assert len(fake_upstream.chat_requests()) == 6
+    # Each page item carries that page's own rendering (page N is PAGE_COLOURS[N-1]).
+    for item, colour in zip(items[:3], PAGE_COLOURS, strict=False):
+        part = item.attachment.parts.select_related("image").first()
+        image = Image.open(io.BytesIO(read_image(part.image))).convert("RGB")
+        pixel = image.getpixel((image.width // 2, image.height // 2))
+        assert all(abs(a - b) < 40 for a, b in zip(pixel, colour, strict=True)), pixel

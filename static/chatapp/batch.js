@@ -64,8 +64,9 @@ function setupForm() {
     updateStatus();
     try {
       const answer = await call("/api/batches/files", { form: data });
+      let over = 0;
       for (const image of answer.images) {
-        if (images.length >= maxItems) break;
+        if (images.length >= maxItems) { over += 1; continue; }
         images.push(image);
         const li = document.createElement("li");
         const img = document.createElement("img");
@@ -75,9 +76,9 @@ function setupForm() {
         li.append(img);
         thumbs.append(li);
       }
-      if (answer.errors.length) {
-        showError(error, answer.errors.map((e) => `${e.name}: ${e.message}`).join("\n"));
-      }
+      const problems = answer.errors.map((e) => `${e.name}: ${e.message}`);
+      if (over) problems.push(`${file.name}: ${over} image${over === 1 ? "" : "s"} left out: a batch takes at most ${maxItems}.`);
+      if (problems.length) showError(error, problems.join("\n"));
     } catch (exc) {
       showError(error, `${file.name}: ${exc.message}`);
     } finally {
