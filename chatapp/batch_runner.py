@@ -74,6 +74,15 @@ def item_messages(batch: Batch, item: BatchItem) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": text}, *images]}]
 
 
+def retry_messages(messages: list[dict], raw: str, error: str) -> list[dict]:
+    """The item's request once more, with the answer that did not fit and what was wrong."""
+    return [
+        *messages,
+        {"role": "assistant", "content": raw or "(empty)"},
+        {"role": "user", "content": RETRY_PROMPT.format(error=error)},
+    ]
+
+
 def _request(batch: Batch, messages: list[dict]) -> ChatRequest:
     model = batch.model
     return ChatRequest(
@@ -185,13 +194,21 @@ class Runner:
             except batches.AnswerInvalid as exc:
                 first_error = str(exc)
             # Once more, with what was wrong.
-            retry = [
-                *messages,
-                {"role": "assistant", "content": raw or "(empty)"},
-                {"role": "user", "content": RETRY_PROMPT.format(error=first_error)},
-            ]
+            first_raw = raw
+            retry = retry_messages(messages, raw, first_error)
             attempts += 1
-            raw2, usage = await self._ask(_request(batch, retry))
+            try:
+                raw2, usage = await self._ask(_request(batch, retry))
+            except ProviderError:
+                # The retry could not be asked: the first answer is kept, marked invalid.
+                return self._result(
+                    BatchItem.Status.INVALID,
+                    first_raw,
+                    None,
+                    f"Invalid answer: {first_error}",
+                    total,
+                    attempts,
+                )
             add(usage)
             try:
                 values = batches.answer_validate(batch.fields, raw2)
@@ -340,10 +357,17 @@ class Runner:
 
     # ---- Workers AI async batch ---------------------------------------------------------------
 
-    def _async_bodies(self, items: list[BatchItem]) -> list[dict]:
+    def _async_bodies(
+        self, items: list[BatchItem], retries: dict[int, tuple[str, str]] | None = None
+    ) -> list[dict]:
+        """One chat body per item; `retries` {item id: (raw answer, validation error)} asks
+        those items once more with what was wrong (the schema retry, as on the live path)."""
         bodies = []
         for item in items:
-            request = _request(self.batch, item_messages(self.batch, item))
+            messages = item_messages(self.batch, item)
+            if retries and item.pk in retries:
+                messages = retry_messages(messages, *retries[item.pk])
+            request = _request(self.batch, messages)
             body = {"messages": request.messages, "external_reference": str(item.pk)}
             if request.response_format:
                 body["response_format"] = request.response_format
@@ -395,6 +419,33 @@ class Runner:
                     await self._publish_item(item.pk)
                 await self._collect(client, request_id, [i.pk for i in chunk_items])
 
+    async def _retry_async(self, client, retries: dict[int, dict]) -> None:
+        """Answers that failed the schema, asked once more through the same async API with the
+        validation error. Their first answer and its usage are saved with the new request id
+        first, so a runner taking over after a crash knows these are second answers."""
+        items = await database_sync_to_async(_items_by_pk)(list(retries))
+        bodies = await database_sync_to_async(self._async_bodies)(
+            items, {pk: (r["answer"], r["error"]) for pk, r in retries.items()}
+        )
+        for chunk_items, chunk_bodies in _chunks(items, bodies):
+            ids = [i.pk for i in chunk_items]
+            try:
+                request_id = await client.submit(
+                    model=self.model.model_id,
+                    requests=chunk_bodies,
+                    affinity_id=self.batch.affinity_id,
+                )
+            except ProviderError as exc:
+                for pk in ids:
+                    await self._finish_async(pk, error=exc, prior=retries[pk])
+                continue
+            await database_sync_to_async(batches.items_resubmitted)(
+                claim=self.claim,
+                request_id=request_id,
+                retries={pk: retries[pk] for pk in ids},
+            )
+            await self._collect(client, request_id, ids)
+
     async def _collect(self, client, request_id: str, item_ids: list[int]) -> None:
         """Poll with backoff until done; map each result to its item by id."""
         delay = settings.BATCH_POLL_INTERVAL
@@ -427,23 +478,75 @@ class Runner:
             if key is None and position < len(item_ids):
                 key = item_ids[position]
             by_id[key] = result
+        # Items already in their schema retry (first answer saved with this request id).
+        second = await database_sync_to_async(batches.items_in_retry)(item_ids=item_ids)
+        retries: dict[int, dict] = {}
         for pk in item_ids:
             result = by_id.get(pk)
+            prior = second.get(pk)
             if result is None:
                 await self._finish_async(
-                    pk, error=ProviderError("The provider returned no answer for this item.")
+                    pk,
+                    error=ProviderError("The provider returned no answer for this item."),
+                    prior=prior,
                 )
             elif result.error is not None:
-                await self._finish_async(pk, error=result.error)
+                await self._finish_async(pk, error=result.error, prior=prior)
             else:
-                await self._finish_async(pk, content=result.item.content, usage=result.item.usage)
+                content, usage = result.item.content, result.item.usage or Usage()
+                if prior is None and self.batch.fields:
+                    try:
+                        batches.answer_validate(self.batch.fields, content)
+                    except batches.AnswerInvalid as exc:
+                        retries[pk] = {
+                            "answer": content,
+                            "error": str(exc),
+                            "prompt": usage.prompt_tokens,
+                            "cached": usage.cached_tokens,
+                            "completion": usage.completion_tokens,
+                        }
+                        continue
+                await self._finish_async(pk, content=content, usage=usage, prior=prior)
+        if retries and self.stopping != "cancel":
+            await self._retry_async(client, retries)
+        else:
+            for pk, first in retries.items():
+                await self._finish_async(
+                    pk, content=first["answer"], prior=None, usage=_usage(first)
+                )
 
-    async def _finish_async(self, item_id, *, content="", usage=None, error=None) -> None:
+    async def _finish_async(self, item_id, *, content="", usage=None, error=None, prior=None):
+        """An async result saved: `prior` is the first answer of an item in its schema retry
+        (its usage adds up; when the retry fails too, the raw answer is kept as invalid)."""
         usage = usage or Usage()
+        attempts = 1
+        if prior is not None:
+            attempts = 2
+            first = _usage(prior)
+            usage = Usage(
+                prompt_tokens=usage.prompt_tokens + first.prompt_tokens,
+                cached_tokens=usage.cached_tokens + first.cached_tokens,
+                completion_tokens=usage.completion_tokens + first.completion_tokens,
+            )
         batch = self.batch
-        if error is not None:
+        if error is not None and prior is not None:
+            # The retry could not be answered: the first answer is kept, marked invalid.
             result = self._result(
-                BatchItem.Status.FAILED, "", None, error.user_message or FAILED_MESSAGE, usage, 1
+                BatchItem.Status.INVALID,
+                prior["answer"],
+                None,
+                f"Invalid answer: {prior['error']}",
+                usage,
+                attempts,
+            )
+        elif error is not None:
+            result = self._result(
+                BatchItem.Status.FAILED,
+                "",
+                None,
+                error.user_message or FAILED_MESSAGE,
+                usage,
+                attempts,
             )
         elif not batch.fields:
             ok = bool(content.strip())
@@ -453,22 +556,39 @@ class Runner:
                 None,
                 "" if ok else "The model returned an empty answer.",
                 usage,
-                1,
+                attempts,
             )
         else:
             try:
                 values = batches.answer_validate(batch.fields, content)
-                result = self._result(BatchItem.Status.DONE, content, values, "", usage, 1)
+                result = self._result(BatchItem.Status.DONE, content, values, "", usage, attempts)
             except batches.AnswerInvalid as exc:
-                # No second round trip through a queue: kept as invalid, retryable by the user.
                 result = self._result(
-                    BatchItem.Status.INVALID, content, None, f"Invalid answer: {exc}", usage, 1
+                    BatchItem.Status.INVALID,
+                    content,
+                    None,
+                    f"Invalid answer: {exc}",
+                    usage,
+                    attempts,
                 )
         saved = await database_sync_to_async(batches.item_finish)(
             item_id=item_id, claim=self.claim, batch_api=True, **result
         )
         if saved is not None:
             await self._publish_item(item_id)
+
+
+def _usage(first: dict) -> Usage:
+    return Usage(
+        prompt_tokens=first["prompt"],
+        cached_tokens=first["cached"],
+        completion_tokens=first["completion"],
+    )
+
+
+def _items_by_pk(item_ids: list[int]) -> list[BatchItem]:
+    found = BatchItem.objects.select_related("attachment").in_bulk(item_ids)
+    return [found[pk] for pk in item_ids if pk in found]
 
 
 def _chunks(items: list[BatchItem], bodies: list[dict]):

@@ -534,8 +534,47 @@ def items_submitted(*, claim: str, item_ids: list[int], request_id: str) -> None
     """The provider has the items (its request id is kept, so a restarted runner polls it
     instead of sending them again)."""
     BatchItem.objects.filter(pk__in=item_ids, claim=claim).update(
-        status=BatchItem.Status.SUBMITTED, request_id=request_id, lease_expires_at=_lease()
+        status=BatchItem.Status.SUBMITTED,
+        request_id=request_id,
+        lease_expires_at=_lease(),
+        answer="",
+        error="",
     )
+
+
+def items_resubmitted(*, claim: str, request_id: str, retries: dict[int, dict]) -> None:
+    """Items whose answer failed the schema, asked once more under `request_id`: the first
+    answer, its validation error and its usage are kept on the item (a non-empty error on a
+    submitted item marks its second answer, also for a runner taking over after a crash)."""
+    for pk, first in retries.items():
+        BatchItem.objects.filter(
+            pk=pk,
+            claim=claim,
+            status__in=(BatchItem.Status.RUNNING, BatchItem.Status.SUBMITTED),
+        ).update(
+            status=BatchItem.Status.SUBMITTED,
+            request_id=request_id,
+            lease_expires_at=_lease(),
+            answer=first["answer"],
+            error=first["error"] or "The answer does not fit the requested format.",
+            prompt_tokens=first["prompt"],
+            cached_tokens=first["cached"],
+            completion_tokens=first["completion"],
+        )
+
+
+def items_in_retry(*, item_ids: list[int]) -> dict[int, dict]:
+    """Of these submitted items, those waiting for their schema retry's answer -> the first
+    answer, its error and its usage."""
+    rows = (
+        BatchItem.objects.filter(pk__in=item_ids, status=BatchItem.Status.SUBMITTED)
+        .exclude(error="")
+        .values_list("pk", "answer", "error", "prompt_tokens", "cached_tokens", "completion_tokens")
+    )
+    return {
+        pk: {"answer": a, "error": e, "prompt": p, "cached": c, "completion": n}
+        for pk, a, e, p, c, n in rows
+    }
 
 
 def items_submitted_orphans(*, batch_id: int, claim: str) -> dict[str, list[int]]:

@@ -709,3 +709,168 @@ def test_pdfs_become_one_item_per_page_and_bad_ones_are_reported(fake_upstream, 
         image = Image.open(io.BytesIO(read_image(part.image))).convert("RGB")
         pixel = image.getpixel((image.width // 2, image.height // 2))
         assert all(abs(a - b) < 40 for a, b in zip(pixel, colour, strict=True)), pixel
+
+
+def _workers_ai_model(fake, settings) -> ModelConfig:
+    from chatapp.model_catalog import catalog_sync, reset_catalog_cache
+
+    fake.reset()
+    settings.CLOUDFLARE_ACCOUNT_ID = "acct1"
+    settings.CLOUDFLARE_API_TOKEN = "cf-token-test"
+    settings.CLOUDFLARE_API_BASE = fake.base_url
+    settings.BATCH_POLL_INTERVAL = 0.05
+    reset_catalog_cache()
+    catalog_sync()
+    return ModelConfig.objects.select_related("provider").get(
+        provider__kind="workers_ai", model_id="@cf/moonshotai/kimi-k2.6"
+    )
+
+
+def _answers_for_schema_retry(batch: Batch):
+    """-> answer(item_id, round): the first item right away, the second right on its retry,
+    the third wrong twice."""
+    first, second, third = batch.items.order_by("position").values_list("pk", flat=True)
+
+    def answer(item_id: int, round_: int) -> str:
+        if item_id == first or (item_id == second and round_ == 2):
+            return json.dumps({"vendor": f"V{item_id}", "total": 2, "date": "2026-01-02"})
+        return "{nope" if round_ == 1 else "still not json"
+
+    return answer
+
+
+def _assert_schema_retry(batch: Batch, rounds: list[list[dict]]) -> None:
+    """Round 1 has every item; round 2 only the two wrong ones, each with its own first answer
+    and the validation error; the third is kept invalid with its raw (second) answer."""
+    items = list(batch.items.order_by("position"))
+    assert len(rounds) == 2 and len(rounds[0]) == 3 and len(rounds[1]) == 2
+    for body in rounds[1]:
+        assert body["messages"][-2] == {"role": "assistant", "content": "{nope"}
+        assert "not valid JSON" in body["messages"][-1]["content"]
+        assert body["messages"][0]["content"][-1]["type"] == "image_url"
+    assert [i.status for i in items] == ["done", "done", "invalid"]
+    assert items[1].values["vendor"] == f"V{items[1].pk}" and items[1].attempts == 2
+    assert items[2].answer == "still not json" and items[2].attempts == 2
+    assert "not valid JSON" in items[2].error
+    # Both rounds are paid for: each wrong item's usage is its two answers'.
+    assert items[1].prompt_tokens == 2 * items[0].prompt_tokens > 0
+    records = UsageRecord.objects.filter(batch=batch).order_by("batch_item__position")
+    assert [r.prompt_tokens for r in records] == [i.prompt_tokens for i in items]
+
+
+def test_workers_ai_async_schema_failures_are_asked_once_more(_upstream_server, settings):
+    """queueRequest path: answers that fail the schema go back through the async API once with
+    the validation error, then stay invalid with the raw answer kept."""
+    fake = _upstream_server
+    model = _workers_ai_model(fake, settings)
+    user = user_create()
+    client = _client(user)
+    ids = _upload(client, 3)
+    response = _create(client, model=model.pk, question="Read it.", fields=FIELDS, images=ids)
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.mode == "workers_ai"
+    answer = _answers_for_schema_retry(batch)
+    rounds: list[list[dict]] = []
+
+    def result(i: int, reference: str, round_: int) -> dict:
+        content = answer(int(reference), round_)
+        message = {"role": "assistant", "content": content}
+        return {
+            "id": i,
+            "success": True,
+            "external_reference": reference,
+            "result": {
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 500, "completion_tokens": 20, "total_tokens": 520},
+            },
+        }
+
+    def responder(request):
+        body = request.json
+        if "requests" in body:
+            rounds.append(body["requests"])
+            return _envelope({"status": "queued", "request_id": f"req-{len(rounds)}"})
+        round_ = int(body["request_id"].split("-")[1])
+        references = [r["external_reference"] for r in rounds[round_ - 1]]
+        responses = [result(i, ref, round_) for i, ref in enumerate(references)]
+        return _envelope({"status": "done", "responses": responses[::-1]})
+
+    fake.responder = responder
+    run_worker_until_idle()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.COMPLETE
+    _assert_schema_retry(batch, rounds)
+
+
+def test_openai_batches_schema_failures_are_asked_once_more(fake_upstream, settings):
+    """/v1/batches path: the same schema retry, as a second batch of just the wrong items."""
+    from tests.fake_upstream import FakeResponse
+
+    settings.BATCH_POLL_INTERVAL = 0.05
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    model.price_batch_input, model.price_batch_output = Decimal("0.50"), Decimal("2.00")
+    model.staff_overrides = ["price_batch_input", "price_batch_output"]
+    model.save()
+    ids = _upload(client, 3)
+    response = _create(client, model=model.pk, question="Read it.", fields=FIELDS, images=ids)
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.mode == "openai_batch"
+    answer = _answers_for_schema_retry(batch)
+    rounds: list[list[dict]] = []
+
+    def json_response(payload: dict):
+        return FakeResponse(
+            headers={"content-type": "application/json"}, parts=[json.dumps(payload).encode()]
+        )
+
+    def responder(request):
+        path = request.path.split("?")[0]
+        if path.endswith("/files") and request.method == "POST":
+            text = request.body.decode("utf-8", "replace")
+            lines = [json.loads(x) for x in text.splitlines() if x.startswith('{"custom_id"')]
+            rounds.append(lines)
+            return json_response({"id": f"file-{len(rounds)}", "purpose": "batch"})
+        if path.endswith("/batches") and request.method == "POST":
+            return json_response({"id": request.json["input_file_id"].replace("file", "batch")})
+        if "/batches/batch-" in path:
+            number = path.rsplit("-", 1)[1]
+            return json_response({"status": "completed", "output_file_id": f"out-{number}"})
+        if "/files/out-" in path:
+            round_ = int(path.split("/files/out-")[1].split("/")[0])
+            lines = []
+            for line in rounds[round_ - 1]:
+                content = answer(int(line["custom_id"]), round_)
+                body = {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1000, "completion_tokens": 10},
+                }
+                lines.append(
+                    json.dumps(
+                        {
+                            "custom_id": line["custom_id"],
+                            "response": {"status_code": 200, "body": body},
+                        }
+                    )
+                )
+            return FakeResponse(
+                headers={"content-type": "application/jsonl"}, parts=["\n".join(lines).encode()]
+            )
+        return None
+
+    fake_upstream.responder = responder
+    run_worker_until_idle()
+    batch.refresh_from_db()
+    assert batch.status == Batch.Status.COMPLETE
+    assert not fake_upstream.chat_requests()
+    _assert_schema_retry(batch, [[line["body"] for line in r] for r in rounds])
+    # Priced at the batch prices, both answers of a retried item.
+    item = batch.items.get(position=2)
+    assert item.cost_usd == Decimal("0.001040")  # 2 x (1000 x 0.50 + 10 x 2.00) per million
