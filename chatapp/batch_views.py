@@ -32,6 +32,7 @@ from django.views.decorators.http import require_GET, require_POST
 from . import batches, events, images, pdfs, tasks
 from .access import batch_get_for_user, batch_item_get_for_user, model_get_for_user
 from .attachments import attachment_create, attachment_to_dict, clean_filename, format_bytes
+from .audit import client_ip
 from .errors import ClientError
 from .image_views import _executor, _in_pool, _pdf_options, _pdf_timeout, _process
 from .model_catalog import default_model_for, models_for_user
@@ -265,6 +266,7 @@ def batch_create(request: HttpRequest) -> JsonResponse:
             fields_raw=data.get("fields"),
             attachment_ids=_images(data),
             name=str(data.get("name") or ""),
+            address=client_ip(request),
         )
     except ClientError as exc:
         return _error(400, exc.code, exc.message)
@@ -281,7 +283,9 @@ async def batch_action(request: HttpRequest, pk: int, action: str) -> JsonRespon
         batch = await sync_to_async(batch_get_for_user)(user, pk)
         if action not in ("pause", "resume", "cancel", "retry"):
             raise Http404
-        batch = await sync_to_async(tasks.batch_control)(batch=batch, action=action)
+        batch = await sync_to_async(tasks.batch_control)(
+            batch=batch, action=action, actor=user, address=client_ip(request)
+        )
         state = await sync_to_async(batches.batch_state)(batch_id=batch.pk)
     except Http404:
         return _error(404, "not_found", "No such batch.")
@@ -295,7 +299,7 @@ async def batch_action(request: HttpRequest, pk: int, action: str) -> JsonRespon
 @require_POST
 def batch_delete(request: HttpRequest, pk: int) -> JsonResponse:
     batch = batch_get_for_user(request.user, pk)
-    batches.batch_delete(batch=batch)
+    batches.batch_delete(batch=batch, actor=request.user, address=client_ip(request))
     return JsonResponse({"deleted": pk, "url": reverse("batches")})
 
 
@@ -310,7 +314,8 @@ def batch_item_open(request: HttpRequest, pk: int, item_pk: int) -> JsonResponse
 # ---- exports ----------------------------------------------------------------------------------
 
 
-def _download(text: str, *, name: str, content_type: str) -> HttpResponse:
+def _download(request, batch, text: str, *, fmt: str, name: str, content_type: str):
+    batches.batch_exported(batch=batch, actor=request.user, fmt=fmt, address=client_ip(request))
     response = HttpResponse(text.encode("utf-8"), content_type=content_type)
     response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response
@@ -321,7 +326,12 @@ def _download(text: str, *, name: str, content_type: str) -> HttpResponse:
 def batch_export_csv(request: HttpRequest, pk: int) -> HttpResponse:
     batch = batch_get_for_user(request.user, pk)
     return _download(
-        batches.export_csv(batch), name=f"batch-{pk}.csv", content_type="text/csv; charset=utf-8"
+        request,
+        batch,
+        batches.export_csv(batch),
+        fmt="csv",
+        name=f"batch-{pk}.csv",
+        content_type="text/csv; charset=utf-8",
     )
 
 
@@ -330,7 +340,10 @@ def batch_export_csv(request: HttpRequest, pk: int) -> HttpResponse:
 def batch_export_excel(request: HttpRequest, pk: int) -> HttpResponse:
     batch = batch_get_for_user(request.user, pk)
     return _download(
+        request,
+        batch,
         batches.export_csv(batch, excel=True),
+        fmt="excel-csv",
         name=f"batch-{pk}-excel.csv",
         content_type="text/csv; charset=utf-8",
     )
@@ -341,7 +354,10 @@ def batch_export_excel(request: HttpRequest, pk: int) -> HttpResponse:
 def batch_export_jsonl(request: HttpRequest, pk: int) -> HttpResponse:
     batch = batch_get_for_user(request.user, pk)
     return _download(
+        request,
+        batch,
         batches.export_jsonl(batch),
+        fmt="jsonl",
         name=f"batch-{pk}.jsonl",
         content_type="application/x-ndjson; charset=utf-8",
     )

@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from . import teams
 from .attachments import _delete_unreferenced, _image_ids_of, format_bytes
+from .audit import audit_record
 from .errors import ClientError
 from .models import (
     Attachment,
@@ -353,6 +354,7 @@ def batch_create(
     fields_raw,
     attachment_ids: list[int],
     name: str = "",
+    address: str = "",
 ) -> Batch:
     """Check everything, then commit the batch with its items and queue its job. A batch whose
     estimate is over the team's budget left is refused (ClientError budget_exceeded)."""
@@ -406,14 +408,38 @@ def batch_create(
             BatchItem(batch=batch, position=i, attachment=a, filename=a.filename)
             for i, a in enumerate(images, start=1)
         )
+        audit_record(
+            actor=user,
+            action="batch.started",
+            obj=batch,
+            changes={
+                "items": len(images),
+                "model": model.display_name,
+                "mode": batch.mode,
+                "estimated_cost_usd": guess["cost_usd"],
+                "team": team.name if team else None,
+            },
+            address=address,
+        )
     return batch
 
 
-def batch_set_status(*, batch: Batch, action: str) -> Batch:
-    """pause | resume | cancel | retry (failed and invalid items run again). The caller queues
-    a job when the batch comes back QUEUED (tasks.batch_control)."""
+AUDIT_ACTIONS = {
+    "pause": "batch.paused",
+    "resume": "batch.resumed",
+    "cancel": "batch.cancelled",
+    "retry": "batch.retried",
+}
+
+
+def batch_set_status(*, batch: Batch, action: str, actor=None, address: str = "") -> Batch:
+    """pause | resume | cancel | retry (failed and invalid items run again), audited in the
+    same transaction. The caller queues a job when the batch comes back QUEUED
+    (tasks.batch_control)."""
     with transaction.atomic():
         locked = Batch.objects.select_for_update().get(pk=batch.pk)
+        before = locked.status
+        detail: dict = {}
         if action == "pause":
             if locked.status not in ACTIVE:
                 raise ClientError("not_running", "Only a running batch can be paused.")
@@ -443,18 +469,33 @@ def batch_set_status(*, batch: Batch, action: str) -> Batch:
             ).update(status=BatchItem.Status.PENDING, error="", claim="", request_id="")
             if not retried:
                 raise ClientError("nothing_to_retry", "No failed items to retry.")
+            detail["items"] = retried
             if locked.status not in ACTIVE:
                 locked.status = Batch.Status.QUEUED
         else:
             raise ClientError("bad_action", "Unknown action.")
         locked.save(update_fields=["status", "updated_at"])
+        audit_record(
+            actor=actor,
+            action=AUDIT_ACTIONS[action],
+            obj=locked,
+            changes={"status": [before, locked.status], **detail},
+            address=address,
+        )
     return locked
 
 
 @transaction.atomic
-def batch_delete(*, batch: Batch) -> None:
+def batch_delete(*, batch: Batch, actor=None, address: str = "") -> None:
     """Delete a batch with its items and images (files no other message uses go too). Usage
     records stay: the spend happened."""
+    audit_record(
+        actor=actor,
+        action="batch.deleted",
+        obj=batch,
+        changes={"items": batch.items.count()},
+        address=address,
+    )
     attachments = Attachment.objects.filter(batch_item__batch=batch)
     image_ids = _image_ids_of(attachments)
     Batch.objects.filter(pk=batch.pk).update(status=Batch.Status.CANCELLED)
@@ -708,9 +749,17 @@ def batch_over_budget(*, batch: Batch) -> bool:
 def batch_end(*, batch_id: int, budget: bool = False) -> Batch | None:
     """The runner ran out of items (complete) or of budget (paused with that status)."""
     if budget:
-        Batch.objects.filter(pk=batch_id, status=Batch.Status.RUNNING).update(
-            status=Batch.Status.BUDGET, lease_expires_at=None
-        )
+        with transaction.atomic():
+            if Batch.objects.filter(pk=batch_id, status=Batch.Status.RUNNING).update(
+                status=Batch.Status.BUDGET, lease_expires_at=None
+            ):
+                audit_record(
+                    actor=None,
+                    actor_name="batch runner",
+                    action="batch.paused",
+                    obj=Batch.objects.get(pk=batch_id),
+                    changes={"status": [Batch.Status.RUNNING, Batch.Status.BUDGET]},
+                )
     elif not BatchItem.objects.filter(batch_id=batch_id, status__in=OPEN_ITEMS).exists():
         Batch.objects.filter(pk=batch_id, status=Batch.Status.RUNNING).update(
             status=Batch.Status.COMPLETE, lease_expires_at=None
@@ -874,6 +923,16 @@ def _spreadsheet_safe(value):
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
+
+
+def batch_exported(*, batch: Batch, actor, fmt: str, address: str = "") -> None:
+    audit_record(
+        actor=actor,
+        action="batch.exported",
+        obj=batch,
+        changes={"format": fmt, "items": batch.items.count()},
+        address=address,
+    )
 
 
 def export_csv(batch: Batch, *, excel: bool = False) -> str:

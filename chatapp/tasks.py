@@ -63,10 +63,10 @@ def batch_start(**kwargs) -> Batch:
     return batch
 
 
-def batch_control(*, batch: Batch, action: str) -> Batch:
+def batch_control(*, batch: Batch, action: str, actor=None, address: str = "") -> Batch:
     """batches.batch_set_status, and a job when the batch runs again (resume, retry)."""
     with transaction.atomic():
-        batch = batches.batch_set_status(batch=batch, action=action)
+        batch = batches.batch_set_status(batch=batch, action=action, actor=actor, address=address)
         # A second job beside a runner still finishing its last items is harmless (claims).
         if batch.status == Batch.Status.QUEUED:
             transaction.on_commit(lambda: batch_enqueue(batch_id=batch.pk))

@@ -263,6 +263,17 @@ def test_over_budget_is_refused_and_crossing_it_pauses(fake_upstream):
     # Resuming while the budget is still used up is refused with a clear message.
     resumed = client.post(f"/api/batches/{batch.pk}/resume")
     assert resumed.status_code == 400 and "budget" in resumed.json()["message"]
+    # The page's status line says why it stopped.
+    status_text = tasks.batches.batch_state(batch_id=batch.pk)["batch"]["status_text"]
+    assert status_text.startswith("Paused: the team's monthly budget is used up")
+    # The runner's pause is in the audit log (and the refused resume is not).
+    from chatapp.models import AuditEntry
+
+    entries = AuditEntry.objects.filter(object_id=str(batch.pk), object_type="chatapp.batch")
+    assert list(entries.order_by("id").values_list("action", "actor_name")) == [
+        ("batch.started", user.username),
+        ("batch.paused", "batch runner"),
+    ]
 
 
 def test_cancel_retry_and_delete(fake_upstream, settings):
@@ -874,3 +885,62 @@ def test_openai_batches_schema_failures_are_asked_once_more(fake_upstream, setti
     # Priced at the batch prices, both answers of a retried item.
     item = batch.items.get(position=2)
     assert item.cost_usd == Decimal("0.001040")  # 2 x (1000 x 0.50 + 10 x 2.00) per million
+
+
+def test_batch_runs_are_audited(fake_upstream):
+    """Started, paused, resumed, cancelled, retried, exported, deleted: one audit entry each,
+    written with the change (a refused action writes none)."""
+    from chatapp.models import AuditEntry
+
+    user = user_create()
+    client = _client(user)
+    model = _model()
+    ids = _upload(client, 3)
+    batch_id = _create(client, model=model.pk, question="Q?", images=ids).json()["id"]
+
+    def actions():
+        return list(
+            AuditEntry.objects.filter(object_type="chatapp.batch", object_id=str(batch_id))
+            .order_by("id")
+            .values_list("action", flat=True)
+        )
+
+    assert actions() == ["batch.started"]
+    started = AuditEntry.objects.get(action="batch.started")
+    assert started.actor == user and started.address == "127.0.0.1"
+    assert started.changes["items"] == 3
+    assert client.post(f"/api/batches/{batch_id}/pause").status_code == 200
+    assert client.post(f"/api/batches/{batch_id}/resume").status_code == 200
+    assert AuditEntry.objects.get(action="batch.resumed").changes["status"] == [
+        "paused",
+        "queued",
+    ]
+    fake_upstream.responder = lambda r: error_response(400, "bad image", "invalid_request_error")
+    run_worker_until_idle()
+    fake_upstream.responder = None
+    assert client.post(f"/api/batches/{batch_id}/retry").status_code == 200
+    run_worker_until_idle()
+    assert client.post(f"/api/batches/{batch_id}/cancel").status_code == 400  # complete
+    assert client.get(f"/batches/{batch_id}/export.csv").status_code == 200
+    assert client.get(f"/batches/{batch_id}/export.jsonl").status_code == 200
+    assert actions() == [
+        "batch.started",
+        "batch.paused",
+        "batch.resumed",
+        "batch.retried",
+        "batch.exported",
+        "batch.exported",
+    ]
+    assert [e.changes["format"] for e in AuditEntry.objects.filter(action="batch.exported")] == [
+        "jsonl",
+        "csv",
+    ]  # newest first
+    assert client.post(f"/api/batches/{batch_id}/delete").status_code == 200
+    assert actions()[-1] == "batch.deleted"
+    other = _create(client, model=model.pk, question="Q2?", images=_upload(client, 2)).json()
+    assert client.post(f"/api/batches/{other['id']}/cancel").status_code == 200
+    cancelled = AuditEntry.objects.get(action="batch.cancelled")
+    assert cancelled.object_id == str(other["id"]) and cancelled.changes["status"] == [
+        "queued",
+        "cancelled",
+    ]
