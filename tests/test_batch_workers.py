@@ -122,3 +122,95 @@ def test_kill_the_worker_mid_batch_every_item_answered_exactly_once(fake_upstrea
     asked_twice = [p for p, n in counts.items() if n > 1]
     assert len(asked_twice) <= 3, counts
     assert all(n <= 2 for n in counts.values()), counts
+
+
+class _Finished:
+    """The end of one fake reply (the fake waits on it like a Gate's event): counts the
+    requests in flight at the provider across every worker process."""
+
+    def __init__(self, counter: dict, lock: threading.Lock) -> None:
+        self.counter, self.lock = counter, lock
+
+    def wait(self, timeout=None) -> bool:
+        with self.lock:
+            self.counter["now"] -= 1
+        return True
+
+
+def test_two_workers_share_the_providers_concurrency_limit(fake_upstream, settings):
+    """The `worker` service scaled to 2, each running its own batch, provider limit 2: the
+    provider never has more than 2 of their requests at once (the gate is shared through
+    Redis, as chat's is), and both batches progress side by side."""
+    require_services()
+    from chatapp.attachments import attachment_create
+    from chatapp.images import process_upload
+    from tests.fake_upstream import Gate
+
+    env = app_env(
+        upstream_url=fake_upstream.base_url,
+        channel_prefix=CHANNEL_LAYER_PREFIX,
+        MEDIA_ROOT=str(settings.MEDIA_ROOT),
+        BATCH_LEASE_SECONDS=str(LEASE),
+        BATCH_CONCURRENCY="4",
+    )
+    user = user_create()
+    model = ModelConfig.objects.select_related("provider").get(model_id="fake-model")
+    model.provider.max_concurrency = 2
+    model.provider.save()
+    counter = {"now": 0, "max": 0, "total": 0}
+    lock = threading.Lock()
+
+    def responder(request):
+        with lock:
+            counter["now"] += 1
+            counter["total"] += 1
+            counter["max"] = max(counter["max"], counter["now"])
+        reply = stream_reply(["ok"], delay=0.3)
+        reply.parts.insert(-1, Gate(_Finished(counter, lock)))  # before [DONE]
+        return reply
+
+    fake_upstream.responder = responder
+    workers = [Worker("a", env), Worker("b", env)]
+    try:
+        started = []
+        for name in ("first", "second"):
+            ids = [
+                attachment_create(
+                    owner=user,
+                    conversation=None,
+                    filename=f"{name}{i}.png",
+                    processed=process_upload(_png(i)),
+                ).pk
+                for i in range(8)
+            ]
+            started.append(
+                tasks.batch_start(
+                    user=user, model=model, question="Q?", fields_raw=[], attachment_ids=ids
+                )
+            )
+        _wait(
+            lambda: (
+                Batch.objects.filter(
+                    pk__in=[b.pk for b in started], status=Batch.Status.COMPLETE
+                ).count()
+                == 2
+            ),
+            120,
+            "both batches to complete",
+            workers,
+        )
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert counter["total"] == 16
+    assert counter["max"] <= 2, counter
+    # Both workers ran a batch, at the same time (each batch's answers interleave).
+    from django_tasks_db.models import DBTaskResult
+
+    runs = DBTaskResult.objects.filter(task_path=tasks.TASK_PATH, status="SUCCESSFUL")
+    assert len({r.worker_ids[-1] for r in runs}) == 2
+    first, second = (
+        sorted(BatchItem.objects.filter(batch=b).values_list("finished_at", flat=True))
+        for b in started
+    )
+    assert first[0] < second[-1] and second[0] < first[-1]
