@@ -944,3 +944,177 @@ def test_batch_runs_are_audited(fake_upstream):
         "queued",
         "cancelled",
     ]
+
+
+def test_team_admin_sees_a_batchs_spend_never_its_contents(fake_upstream):
+    """Charged to the team it ran under: the team admin's page counts its cost in the member's
+    spend, while the batch, its items, exports and images stay its owner's."""
+    member, admin = user_create(), user_create()
+    team_create(members=[member], admins=[admin])
+    client = _client(member)
+    model = _model()
+    ids = _upload(client, 3)
+    fake_upstream.responder = lambda r: _json_reply(
+        {"vendor": "Secret Vendor", "total": 1, "date": None}, prompt=10_000, cached=0
+    )
+    response = _create(
+        client, model=model.pk, question="Private receipts question", fields=FIELDS, images=ids
+    )
+    run_worker_until_idle()
+    batch = Batch.objects.get(pk=response.json()["id"])
+    assert batch.status == Batch.Status.COMPLETE and batch.team is not None
+    cost = sum(i.cost_usd for i in batch.items.all())
+    assert cost > 0
+    assert UsageRecord.objects.filter(batch=batch, team=batch.team).count() == 3
+    admin_client = _client(admin)
+    team_page = admin_client.get("/team/").content.decode()
+    assert f"${cost:.4f}" in team_page  # the member's row: this batch's spend
+    assert "Private receipts question" not in team_page and "Secret Vendor" not in team_page
+    item = batch.items.first()
+    for url in (
+        f"/batches/{batch.pk}/",
+        f"/batches/{batch.pk}/export.csv",
+        f"/attachments/{item.attachment_id}/thumbnail/",
+    ):
+        assert admin_client.get(url).status_code == 404, url
+    assert admin_client.post(f"/api/batches/{batch.pk}/items/{item.pk}/open").status_code == 404
+
+
+def test_workers_ai_payloads_are_split_under_the_size_cap(_upstream_server, settings, monkeypatch):
+    """Items go to Workers AI in payloads under its per-batch cap: with a cap smaller than two
+    items, every item is its own submission, each polled by its own request id."""
+    from chatapp import batch_runner
+
+    fake = _upstream_server
+    model = _workers_ai_model(fake, settings)
+    monkeypatch.setattr(batch_runner, "BATCH_MAX_BYTES", 1)
+    client = _client(user_create())
+    ids = _upload(client, 3)
+    submitted: list[list[dict]] = []
+
+    def responder(request):
+        body = request.json
+        if "requests" in body:
+            submitted.append(body["requests"])
+            return _envelope({"status": "queued", "request_id": f"req-{len(submitted)}"})
+        number = int(body["request_id"].split("-")[1])
+        (sent,) = submitted[number - 1]
+        message = {"role": "assistant", "content": f"answer {sent['external_reference']}"}
+        return _envelope(
+            {
+                "status": "done",
+                "responses": [
+                    {
+                        "id": 0,
+                        "success": True,
+                        "external_reference": sent["external_reference"],
+                        "result": {"choices": [{"index": 0, "message": message}]},
+                    }
+                ],
+            }
+        )
+
+    fake.responder = responder
+    batch_id = _create(client, model=model.pk, question="Q?", images=ids).json()["id"]
+    run_worker_until_idle()
+    assert [len(s) for s in submitted] == [1, 1, 1]
+    items = list(BatchItem.objects.filter(batch_id=batch_id).order_by("position"))
+    assert [i.answer for i in items] == [f"answer {i.pk}" for i in items]
+    assert {i.request_id for i in items} == {"req-1", "req-2", "req-3"}
+
+
+START_SETUP = """
+from chatapp import tasks
+from chatapp.attachments import attachment_create
+from chatapp.images import process_upload
+from chatapp.models import ModelConfig
+from django.contrib.auth import get_user_model
+from tests.test_batches import _png
+
+user = get_user_model().objects.create_user(username="asker", password="pw-12345678")
+ids = [
+    attachment_create(
+        owner=user, conversation=None, filename=f"{i}.png", processed=process_upload(_png(i))
+    ).pk
+    for i in range(3)
+]
+model = ModelConfig.objects.get(model_id="fake-model")
+tasks.batch_start(user=user, model=model, question="Q?", fields_raw=[], attachment_ids=ids)
+"""
+
+
+def test_manage_py_start_runs_a_batch_worker_inside_the_server(fake_upstream, tmp_path):
+    """The README's first command: `manage.py start` serves with one batch worker inside, so a
+    queued batch runs with no other process (started by the server's first request)."""
+    import os
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "SQLITE_PATH", "BATCH_WORKER")
+    }
+    env.update(
+        DATA_DIR=str(tmp_path / "data"),
+        STATIC_ROOT=str(tmp_path / "static"),
+        OPENAI_COMPAT_BASE_URL=fake_upstream.base_url,
+        OPENAI_COMPAT_API_KEY="test-key",
+        OPENAI_COMPAT_MODELS="fake-model",
+        DJANGO_SUPERUSER_PASSWORD="admin-pw-12345678",
+        PYTHONUNBUFFERED="1",
+    )
+
+    def manage(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    manage("start", "--no-serve")
+    manage("shell", "-c", START_SETUP)  # a batch queued while no server runs
+    assert not fake_upstream.chat_requests()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "manage.py", "start", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                assert server.poll() is None, log.read_text(errors="replace")
+                time.sleep(0.5)
+        status = ""
+        while status != "complete":
+            assert time.monotonic() < deadline + 60, (status, log.read_text(errors="replace"))
+            time.sleep(0.5)
+            with sqlite3.connect(tmp_path / "data" / "db.sqlite3", timeout=30) as db:
+                (status,) = db.execute("SELECT status FROM chatapp_batch").fetchone()
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert len(fake_upstream.chat_requests()) == 3

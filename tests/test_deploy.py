@@ -147,7 +147,19 @@ def test_production_files_exist_and_name_their_pieces(name):
     text = (ROOT / name).read_text()
     needles = {
         "Dockerfile": ["-slim", "USER app", "collectstatic", "PYTHONUNBUFFERED=1", "HEALTHCHECK"],
-        "compose.yaml": ["app1:", "app2:", "postgres", "redis", "nginx", "REDIS_URL"],
+        "compose.yaml": [
+            "app1:",
+            "app2:",
+            "postgres",
+            "redis",
+            "nginx",
+            "REDIS_URL",
+            # The batch workers: their own service, two of them, no worker inside them twice.
+            "  worker:\n",
+            '["python", "manage.py", "batch_worker"]',
+            "replicas: 2",
+            "BATCH_WORKER: external",
+        ],
         "docker/nginx.conf": ["Upgrade $http_upgrade", "app1:8000", "app2:8000"],
     }[name]
     missing = [needle for needle in needles if needle not in text]
