@@ -1036,7 +1036,7 @@ ids = [
     attachment_create(
         owner=user, conversation=None, filename=f"{i}.png", processed=process_upload(_png(i))
     ).pk
-    for i in range(3)
+    for i in range(6)
 ]
 model = ModelConfig.objects.get(model_id="fake-model")
 tasks.batch_start(user=user, model=model, question="Q?", fields_raw=[], attachment_ids=ids)
@@ -1045,8 +1045,10 @@ tasks.batch_start(user=user, model=model, question="Q?", fields_raw=[], attachme
 
 def test_manage_py_start_runs_a_batch_worker_inside_the_server(fake_upstream, tmp_path):
     """The README's first command: `manage.py start` serves with one batch worker inside, so a
-    queued batch runs with no other process (started by the server's first request)."""
+    queued batch runs with no other process (started by the server's first request). Killed
+    mid-batch and started again, the server finishes it: every item answered exactly once."""
     import os
+    import signal
     import socket
     import sqlite3
     import subprocess
@@ -1067,54 +1069,70 @@ def test_manage_py_start_runs_a_batch_worker_inside_the_server(fake_upstream, tm
         OPENAI_COMPAT_API_KEY="test-key",
         OPENAI_COMPAT_MODELS="fake-model",
         DJANGO_SUPERUSER_PASSWORD="admin-pw-12345678",
+        BATCH_CONCURRENCY="2",
+        BATCH_LEASE_SECONDS="2",
         PYTHONUNBUFFERED="1",
     )
+    database = tmp_path / "data" / "db.sqlite3"
 
-    def manage(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+    def query(sql: str) -> list:
+        with sqlite3.connect(database, timeout=30) as db:
+            return db.execute(sql).fetchall()
 
-    manage("start", "--no-serve")
-    manage("shell", "-c", START_SETUP)  # a batch queued while no server runs
-    assert not fake_upstream.chat_requests()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "manage.py", "start", "--port", str(port)],
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
+    subprocess.run(
+        [sys.executable, "manage.py", "start", "--no-serve"], cwd=root, env=env, check=True
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", START_SETUP], cwd=root, env=env, check=True
+    )
+    assert query("SELECT status FROM chatapp_batch") == [("queued",)]  # no server yet
+    fake_upstream.responder = lambda r: stream_reply(["answer"], delay=0.6)
+    deadline = time.monotonic() + 240
+
+    def serve(log_name: str):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log = tmp_path / log_name
+        with open(log, "wb") as out:
+            server = subprocess.Popen(
+                [sys.executable, "manage.py", "start", "--port", str(port)],
+                cwd=root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        while True:  # its first request starts the worker
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
-                break
+                return server, log
             except OSError:
                 assert time.monotonic() < deadline, log.read_text(errors="replace")
                 assert server.poll() is None, log.read_text(errors="replace")
                 time.sleep(0.5)
-        status = ""
-        while status != "complete":
-            assert time.monotonic() < deadline + 60, (status, log.read_text(errors="replace"))
-            time.sleep(0.5)
-            with sqlite3.connect(tmp_path / "data" / "db.sqlite3", timeout=30) as db:
-                (status,) = db.execute("SELECT status FROM chatapp_batch").fetchone()
+
+    def wait(condition, log) -> None:
+        while not condition():
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.3)
+
+    done = "SELECT count(*) FROM chatapp_batchitem WHERE status = 'done'"
+    server, log = serve("first.log")
+    try:
+        wait(lambda: query(done)[0][0] >= 2, log)
+        server.send_signal(signal.SIGKILL)  # mid-batch: items in flight
+        server.wait(30)
+        assert query(done)[0][0] < 3 * 2
+    finally:
+        if server.poll() is None:
+            server.kill()
+    server, log = serve("second.log")
+    try:
+        wait(lambda: query("SELECT status FROM chatapp_batch") == [("complete",)], log)
     finally:
         server.terminate()
         server.wait(30)
-    assert len(fake_upstream.chat_requests()) == 3
+    items = query("SELECT id, status FROM chatapp_batchitem")
+    assert len(items) == 6 and {status for _, status in items} == {"done"}
+    records = query("SELECT batch_item_id FROM chatapp_usagerecord")
+    assert sorted(r for (r,) in records) == sorted(pk for pk, _ in items)  # once each
