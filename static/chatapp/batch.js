@@ -261,6 +261,10 @@ function setupBatch(batchId) {
       img.loading = "lazy";
       thumb.append(img);
     }
+    const name = document.createElement("span");
+    name.className = "filename muted";
+    name.textContent = item.filename;
+    thumb.append(name);
     const status = document.createElement("td");
     status.className = "status";
     status.textContent = item.status;
