@@ -22,7 +22,7 @@ from chatapp.batch_runner import batch_run
 from chatapp.models import Batch, BatchItem, ModelConfig, Provider, UsageRecord
 from tests.conftest import ORIGIN, receive_until, session_cookie
 from tests.factories import team_create, user_create
-from tests.fake_upstream import error_response, stream_reply
+from tests.fake_upstream import FakeResponse, error_response, stream_reply
 from tests.image_factories import encode, screenshot
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -1136,3 +1136,84 @@ def test_manage_py_start_runs_a_batch_worker_inside_the_server(fake_upstream, tm
     assert len(items) == 6 and {status for _, status in items} == {"done"}
     records = query("SELECT batch_item_id FROM chatapp_usagerecord")
     assert sorted(r for (r,) in records) == sorted(pk for pk, _ in items)  # once each
+
+
+def test_a_runner_taking_over_async_items_knows_which_answers_are_second(
+    _upstream_server, settings
+):
+    """A worker died with two items at Workers AI: one in its first round, one already asked
+    again after failing the schema. The runner that takes over polls their request ids (sends
+    nothing again): the first-round item that fails the schema gets its one retry; the
+    second-round item's answer is final, its two answers' usage added up."""
+    import datetime
+
+    from asgiref.sync import async_to_sync
+    from django.utils import timezone
+
+    fake = _upstream_server
+    model = _workers_ai_model(fake, settings)
+    user = user_create()
+    client = _client(user)
+    ids = _upload(client, 2)
+    batch_id = _create(client, model=model.pk, question="Q?", fields=FIELDS, images=ids).json()[
+        "id"
+    ]
+    first_round, second_round = BatchItem.objects.filter(batch_id=batch_id).order_by("position")
+    past = timezone.now() - datetime.timedelta(minutes=5)
+    Batch.objects.filter(pk=batch_id).update(status="running", lease_expires_at=past)
+    BatchItem.objects.filter(pk=first_round.pk).update(
+        status="submitted", claim="dead:1", request_id="req-a", lease_expires_at=past
+    )
+    BatchItem.objects.filter(pk=second_round.pk).update(
+        status="submitted",
+        claim="dead:1",
+        request_id="req-b",
+        lease_expires_at=past,
+        answer="{nope",
+        error="The answer is not valid JSON.",
+        prompt_tokens=500,
+        completion_tokens=20,
+    )
+    good = json.dumps({"vendor": "V", "total": 1, "date": None})
+    submitted = []
+
+    def done(item_id: int, content: str) -> FakeResponse:
+        message = {"role": "assistant", "content": content}
+        usage = {"prompt_tokens": 500, "completion_tokens": 20, "total_tokens": 520}
+        return _envelope(
+            {
+                "status": "done",
+                "responses": [
+                    {
+                        "id": 0,
+                        "success": True,
+                        "external_reference": str(item_id),
+                        "result": {"choices": [{"index": 0, "message": message}], "usage": usage},
+                    }
+                ],
+            }
+        )
+
+    def responder(request):
+        body = request.json
+        if "requests" in body:
+            submitted.append(body["requests"])
+            return _envelope({"status": "queued", "request_id": "req-c"})
+        return {
+            "req-a": done(first_round.pk, "not json either"),
+            "req-b": done(second_round.pk, good),
+            "req-c": done(first_round.pk, good),
+        }[body["request_id"]]
+
+    fake.responder = responder
+    async_to_sync(batch_run)(batch_id=batch_id)
+    first_round.refresh_from_db()
+    second_round.refresh_from_db()
+    # Only the first-round item was sent again, with its validation error.
+    assert len(submitted) == 1 and len(submitted[0]) == 1
+    assert submitted[0][0]["messages"][-2]["content"] == "not json either"
+    assert second_round.status == "done" and second_round.prompt_tokens == 1000
+    assert first_round.status == "done" and first_round.prompt_tokens == 1000
+    assert first_round.request_id == "req-c"
+    assert Batch.objects.get(pk=batch_id).status == Batch.Status.COMPLETE
+    assert UsageRecord.objects.filter(batch_id=batch_id).count() == 2
