@@ -147,9 +147,8 @@ def test_fifty_images_three_fields_complete_with_invalid_and_429(fake_upstream):
             return stream_reply(["{not json"], usage={"prompt_tokens": 900, "completion_tokens": 5})
         if position == 13 and n == 1:  # a 429, then an answer
             return error_response(429, "slow down", "rate_limit_reached_error")
-        return _json_reply(
-            {"vendor": f"Shop {position}", "total": position + 0.5, "date": "2026-11-30"}
-        )
+        vendor = "=HYPERLINK(1)" if position == 5 else f"Shop {position}"
+        return _json_reply({"vendor": vendor, "total": position + 0.5, "date": "2026-11-30"})
 
     fake_upstream.responder = responder
     run_worker_until_idle()
@@ -186,8 +185,14 @@ def test_fifty_images_three_fields_complete_with_invalid_and_429(fake_upstream):
     assert len(rows) == 51
     assert rows[3][:6] == ["3", "r002.png", "done", "Shop 3", "3.5", "2026-11-30"]
     assert rows[7][2] == "invalid" and rows[7][rows[0].index("raw_answer")] == "{not json"
+    assert rows[5][3] == "=HYPERLINK(1)"
     excel = client.get(f"/batches/{batch.pk}/export-excel.csv").content
     assert excel.startswith("\ufeff".encode()) and b"\r\n" in excel
+    # Excel-friendly: the same rows and columns, a cell a spreadsheet would run as a formula
+    # quoted, numbers left as numbers.
+    excel_rows = list(csv.reader(io.StringIO(excel.decode("utf-8-sig"))))
+    assert excel_rows[0] == rows[0] and len(excel_rows) == 51
+    assert excel_rows[5][3] == "'=HYPERLINK(1)" and excel_rows[3][4] == "3.5"
     jsonl = client.get(f"/batches/{batch.pk}/export.jsonl").content.decode().splitlines()
     assert len(jsonl) == 50 and json.loads(jsonl[2])["values"]["vendor"] == "Shop 3"
     # Progress: cache share and the money it saved (800 of 1,000 prompt tokens per answer).
@@ -1217,3 +1222,54 @@ def test_a_runner_taking_over_async_items_knows_which_answers_are_second(
     assert first_round.request_id == "req-c"
     assert Batch.objects.get(pk=batch_id).status == Batch.Status.COMPLETE
     assert UsageRecord.objects.filter(batch_id=batch_id).count() == 2
+
+
+async def test_an_opened_item_takes_a_follow_up_about_its_image(fake_upstream):
+    """ "Ask more": the item becomes a normal conversation; a follow-up sent there carries the
+    item's image, the batch's question and its answer as the history."""
+    from chatapp.models import Conversation
+    from tests.conftest import connect
+
+    user = await database_sync_to_async(user_create)()
+    client = await database_sync_to_async(_client)(user)
+    model = await database_sync_to_async(_model)()
+    ids = await database_sync_to_async(_upload)(client, 2)
+    fake_upstream.responder = lambda r: stream_reply(["A blue receipt."])
+    response = await database_sync_to_async(_create)(
+        client, model=model.pk, question="Describe it.", images=ids
+    )
+    batch_id = response.json()["id"]
+    await batch_run(batch_id=batch_id)
+    item = await database_sync_to_async(
+        lambda: BatchItem.objects.select_related("attachment").get(batch_id=batch_id, position=2)
+    )()
+    opened = await database_sync_to_async(client.post)(
+        f"/api/batches/{batch_id}/items/{item.pk}/open"
+    )
+    assert opened.status_code == 201
+    conversation = await database_sync_to_async(Conversation.objects.latest)("id")
+    assert opened.json()["url"].rstrip("/").endswith(str(conversation.pk))
+    fake_upstream.responder = lambda r: stream_reply(["It costs 3."])
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+    await ws.send_json_to({"type": "send", "text": "And what does it cost?"})
+    frames = await receive_until(ws, "reply.end", timeout=10)
+    assert frames[-1]["status"] == "complete"
+    await ws.disconnect()
+    messages = fake_upstream.chat_requests()[-1].json["messages"]
+    users = [m for m in messages if m["role"] == "user"]
+    first = users[0]["content"]
+    texts = (
+        [p["text"] for p in first if p.get("type") == "text"]
+        if isinstance(first, list)
+        else [first]
+    )
+    assert any("Describe it." in t for t in texts)
+    images = [p for p in first if isinstance(first, list) and p.get("type") == "image_url"]
+    assert len(images) == 1  # the item's own image
+    index = await database_sync_to_async(lambda: _index_by_image(Batch.objects.get(pk=batch_id)))()
+    assert index[images[0]["image_url"]["url"][-200:]] == 2
+    assert {"role": "assistant", "content": "A blue receipt."}.items() <= next(
+        m for m in messages if m["role"] == "assistant"
+    ).items()
+    assert "And what does it cost?" in json.dumps(users[-1]["content"])
