@@ -111,7 +111,9 @@ def _zip_members(data: bytes) -> list[tuple[str, bytes]]:
     return members
 
 
-async def _pdf_pages(*, user, name: str, data: bytes, max_edge: int) -> tuple[list, list]:
+async def _pdf_pages(
+    *, user, name: str, data: bytes, max_edge: int, room: int
+) -> tuple[list, list]:
     """A PDF expanded to one stored image per page, rendered one page at a time (a long PDF
     never holds all its pages in memory). -> (images, errors): a page that cannot be rendered
     is reported and the other pages are kept; a PDF that cannot be opened (encrypted, corrupt,
@@ -120,7 +122,6 @@ async def _pdf_pages(*, user, name: str, data: bytes, max_edge: int) -> tuple[li
         limit = format_bytes(settings.PDF_MAX_UPLOAD_BYTES)
         return [], [{"name": name, "message": f"{name} is larger than the {limit} PDF limit."}]
     options = _pdf_options(max_edge)
-    options["max_pages"] = min(settings.PDF_MAX_PAGES, settings.BATCH_MAX_ITEMS)
     try:
         count = await _in_pool(
             settings.PDF_RENDER_TIMEOUT,
@@ -133,7 +134,15 @@ async def _pdf_pages(*, user, name: str, data: bytes, max_edge: int) -> tuple[li
     except pdfs.PdfError as exc:
         return [], [{"name": name, "message": str(exc)}]
     stored, errors = [], []
-    for number in range(1, count + 1):
+    if count > room:
+        errors.append(
+            {
+                "name": name,
+                "message": f"Pages {room + 1}–{count} of {name} left out: a batch takes at most "
+                f"{settings.BATCH_MAX_ITEMS} images.",
+            }
+        )
+    for number in range(1, min(count, room) + 1):
         page_name = f"page {number} of {name}"
         try:
             (page,) = await _in_pool(
@@ -188,11 +197,21 @@ async def batch_files(request: HttpRequest) -> JsonResponse:
     except ClientError as exc:
         return _error(413 if exc.code == "too_large" else 400, exc.code, exc.message)
     stored, errors = [], []
+    limit = settings.BATCH_MAX_ITEMS
     for member_name, member_data in members:
         member_name = clean_filename(member_name)
+        if len(stored) >= limit:  # PDFs in a zip can add up to more than one batch takes
+            errors.append(
+                {"name": member_name, "message": f"Left out: a batch takes at most {limit} images."}
+            )
+            continue
         if pdfs.is_pdf(member_data):
             pages, problems = await _pdf_pages(
-                user=user, name=member_name, data=member_data, max_edge=max_edge
+                user=user,
+                name=member_name,
+                data=member_data,
+                max_edge=max_edge,
+                room=limit - len(stored),
             )
             stored += pages
             errors += problems

@@ -694,6 +694,14 @@ def test_pdfs_become_one_item_per_page_and_bad_ones_are_reported(fake_upstream, 
         long_pdf["images"] == []
         and "has 9 pages; the limit is 4" in long_pdf["errors"][0]["message"]
     )
+    # More pages than a batch takes: the first ones are kept, the rest named as left out.
+    settings.BATCH_MAX_ITEMS = 2
+    capped = client.post(
+        "/api/batches/files", {"file": SimpleUploadedFile("three.pdf", coloured_pdf(3))}
+    ).json()
+    assert [i["name"] for i in capped["images"]] == ["page 1 of three.pdf", "page 2 of three.pdf"]
+    assert "Pages 3–3 of three.pdf left out" in capped["errors"][0]["message"]
+    settings.BATCH_MAX_ITEMS = 500
     # A page that cannot be rendered is reported by page; the upload still answers.
     settings.PDF_MAX_PAGE_PIXELS = 1000
     huge = client.post(
