@@ -712,23 +712,24 @@ def item_finish(
         item.lease_expires_at = None
         item.finished_at = timezone.now()
         item.save()
-        if prompt or completion or status in FINISHED_ITEMS:
-            UsageRecord.objects.create(
-                user_id=batch.owner_id,
-                team_id=batch.team_id,
-                batch=batch,
-                batch_item=item,
-                batch_name=f"{str(batch)[:180]} (#{batch.pk})",
-                model=model,
-                model_name=model.display_name if model else "",
-                provider_name=model.provider.name if model else "",
-                status=status,
-                prompt_tokens=prompt,
-                cached_tokens=cached,
-                completion_tokens=completion,
-                cost_usd=cost,
-                created_at=teams.now(),
-            )
+        # Every item that ends writes its record, a failure too (at what it cost, usually
+        # nothing), as a chat reply does; a retried item writes one per run.
+        UsageRecord.objects.create(
+            user_id=batch.owner_id,
+            team_id=batch.team_id,
+            batch=batch,
+            batch_item=item,
+            batch_name=f"{str(batch)[:180]} (#{batch.pk})",
+            model=model,
+            model_name=model.display_name if model else "",
+            provider_name=model.provider.name if model else "",
+            status=status,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=completion,
+            cost_usd=cost,
+            created_at=teams.now(),
+        )
     return item
 
 

@@ -304,7 +304,10 @@ def test_cancel_retry_and_delete(fake_upstream, settings):
 
     assert not Attachment.objects.filter(pk__in=attachment_ids).exists()
     assert not StoredImage.objects.exists()  # the images went with the batch
-    assert UsageRecord.objects.filter(batch_item__isnull=True, batch_name__gt="").count() == 4
+    # The records stay (the spend happened): each item's failed run ($0) and its answer.
+    kept = UsageRecord.objects.filter(batch_item__isnull=True, batch_name__gt="")
+    assert sorted(kept.values_list("status", flat=True)) == ["done"] * 4 + ["failed"] * 4
+    assert all(r.cost_usd == 0 for r in kept.filter(status="failed"))
 
 
 async def test_socket_streams_progress_and_cancel_stops(fake_upstream):
@@ -538,8 +541,10 @@ def test_workers_ai_async_batch_queued_running_done_with_one_failure(_upstream_s
     run_worker_until_idle()
     items = list(batch.items.order_by("position"))
     assert [i.status for i in items] == ["done"] * 4
-    # One record per answered item (the failure cost nothing and wrote none).
-    assert UsageRecord.objects.filter(batch=batch).count() == 4
+    # One record per item run: the failure's (nothing spent) and then its answer.
+    records = UsageRecord.objects.filter(batch=batch)
+    assert sorted(records.values_list("status", flat=True)) == ["done"] * 4 + ["failed"]
+    assert records.get(status="failed").cost_usd == 0
 
 
 def test_openai_batches_api_where_it_is_cheaper(fake_upstream, settings):
