@@ -302,8 +302,10 @@ def estimate(
             image_tokens(p.image.width, p.image.height) for p in attachment.parts.all()
         )
     completion = output * len(images)
-    cost = reply_cost(
-        model=model, prompt_tokens=prompt, cached_tokens=0, completion_tokens=completion
+    mode = batch_mode(model)
+    # At the batch prices when a provider batch API will run it (what the items will cost).
+    cost = item_cost(
+        model=model, prompt=prompt, cached=0, completion=completion, batch_api=mode != "live"
     )
     left = budget_left(team=team, user=user)
     lanes = provider_concurrency(model)
@@ -317,7 +319,7 @@ def estimate(
         "fits_budget": left is None or cost <= left,
         "concurrency": lanes,
         "seconds": seconds,
-        "mode": batch_mode(model),
+        "mode": mode,
     }
 
 

@@ -643,6 +643,17 @@ def test_openai_batches_api_where_it_is_cheaper(fake_upstream, settings):
         return None
 
     fake_upstream.responder = responder
+    # The estimate is at the batch prices (half the live ones here), and says which API.
+    payload = {"model": model.pk, "question": "Describe.", "images": ids}
+    guess = client.post(
+        "/api/batches/estimate", json.dumps(payload), content_type="application/json"
+    ).json()
+    assert guess["mode"] == "openai_batch"
+    at_batch_prices = (
+        Decimal(guess["prompt_tokens"]) * Decimal("0.50")
+        + Decimal(guess["completion_tokens"]) * Decimal("2.00")
+    ) / Decimal(1_000_000)
+    assert Decimal(guess["cost_usd"]) == at_batch_prices.quantize(Decimal("0.000001")) > 0
     response = _create(client, model=model.pk, question="Describe.", images=ids)
     batch = Batch.objects.get(pk=response.json()["id"])
     assert batch.mode == "openai_batch"
