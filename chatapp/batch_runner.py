@@ -449,6 +449,8 @@ class Runner:
     async def _collect(self, client, request_id: str, item_ids: list[int]) -> None:
         """Poll with backoff until done; map each result to its item by id."""
         delay = settings.BATCH_POLL_INTERVAL
+        # Items already in their schema retry (first answer saved with this request id).
+        second = await database_sync_to_async(batches.items_in_retry)(item_ids=item_ids)
         while True:
             if self.stopping == "cancel":
                 for pk in item_ids:
@@ -466,9 +468,10 @@ class Runner:
             except ProviderError as exc:
                 if not exc.retryable:
                     for pk in item_ids:
-                        await self._finish_async(pk, error=exc)
+                        await self._finish_async(pk, error=exc, prior=second.get(pk))
                     return
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 1.5, 60.0)
         by_id = {}
         for position, result in enumerate(results):
             reference = result.external_reference
@@ -478,8 +481,6 @@ class Runner:
             if key is None and position < len(item_ids):
                 key = item_ids[position]
             by_id[key] = result
-        # Items already in their schema retry (first answer saved with this request id).
-        second = await database_sync_to_async(batches.items_in_retry)(item_ids=item_ids)
         retries: dict[int, dict] = {}
         for pk in item_ids:
             result = by_id.get(pk)
