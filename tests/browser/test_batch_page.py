@@ -1,4 +1,5 @@
-"""The Batch page in real Chromium: start a batch, watch the table fill, cancel, export.
+"""The Batch page in real Chromium: drop a zip and PDFs, start a batch, watch the table fill,
+pause and resume, cancel, export.
 
 The server runs its batch worker inside (BATCH_WORKER=embedded, as `manage.py start` does).
 """
@@ -66,6 +67,16 @@ def test_start_a_batch_watch_it_fill_cancel_and_export(page, upstream, tmp_path)
     expect(done.first).to_contain_text("12.5")
     expect(page.locator("#batch-status")).to_have_text("Running")
     screenshot(page, "batch-02-filling")
+    # Pause: the items in flight finish, no new one starts; Resume runs it again.
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#batch-status")).to_have_text("Paused")
+    expect(page.locator('#results tbody tr[data-status="running"]')).to_have_count(0)
+    paused_at = done.count()
+    page.wait_for_timeout(2000)  # several answers' time: nothing moves while paused
+    assert done.count() == paused_at
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#batch-status")).to_have_text("Running")
+    expect(done).not_to_have_count(paused_at)
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#batch-status")).to_have_text("Cancelled")
     expect(page.locator('#results tbody tr[data-status="cancelled"]').first).to_be_visible()
