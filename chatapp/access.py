@@ -15,6 +15,7 @@ from .models import (
     Batch,
     BatchItem,
     Conversation,
+    ConversationShare,
     Membership,
     ModelConfig,
     Project,
@@ -215,3 +216,79 @@ def teams_curated_by(user) -> list:
     if user.is_staff:
         return list(Team.objects.all())
     return list(Team.objects.filter(pk__in=_team_ids(user, admin=True)))
+
+
+# ---- sharing (issue 16) ------------------------------------------------------------------------
+
+
+def share_get_for_viewer(user, pk) -> ConversationShare:
+    """The one access rule for reading a conversation through a share: raises Http404 unless
+    the share is live (not revoked) and `user`, active, may read it.
+
+    Readers: the conversation's owner, and members of the share's team (the team the
+    conversation is charged to), limited to the chosen members when the share names any. Being
+    a team admin gives nothing more (a share to chosen members hides it from an admin not
+    chosen); staff are readers only when they are such a member (they read every conversation
+    in the Django admin, never here). The shared page, its socket, its images and "Continue as
+    my copy" all go through here.
+    """
+    if not user.is_authenticated or not user.is_active:
+        raise Http404("No such share")
+    try:
+        share = ConversationShare.objects.select_related(
+            "conversation__model__provider", "shared_by", "team"
+        ).get(pk=pk, revoked_at__isnull=True)
+    except (ConversationShare.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such share") from None
+    if share.conversation.owner_id == user.pk:
+        return share
+    if not Membership.objects.filter(user=user, team_id=share.team_id).exists():
+        raise Http404("No such share")
+    if share.members.exists() and not share.members.filter(pk=user.pk).exists():
+        raise Http404("No such share")
+    return share
+
+
+def share_get_for_owner(user, pk) -> ConversationShare:
+    """A share its conversation's owner manages (see who, revoke): 404 for anyone else, through
+    the owner rule (conversation_get_for_user)."""
+    share = (
+        ConversationShare.objects.select_related("team").filter(pk=pk).first()
+        if str(pk).isdigit()
+        else None
+    )
+    if share is None:
+        raise Http404("No such share")
+    conversation_get_for_user(user, share.conversation_id)
+    return share
+
+
+def shared_conversation_readable(user, conversation_id: int) -> bool:
+    """Whether `user` may read this conversation through any live share of it (images)."""
+    for share_pk in ConversationShare.objects.filter(
+        conversation_id=conversation_id, revoked_at__isnull=True
+    ).values_list("pk", flat=True):
+        try:
+            share_get_for_viewer(user, share_pk)
+        except Http404:
+            continue
+        return True
+    return False
+
+
+def attachment_get_for_reader(user, pk) -> Attachment:
+    """The image views' rule: whoever may see the attachment (attachment_get_for_user), or read
+    its sent message's conversation through a live share (share_get_for_viewer). Nobody else."""
+    try:
+        return attachment_get_for_user(user, pk)
+    except Http404:
+        if not user.is_authenticated or not user.is_active:
+            raise
+    attachment = Attachment.objects.select_related("thumbnail").filter(pk=pk).first()
+    if (
+        attachment is None
+        or attachment.message_id is None
+        or not shared_conversation_readable(user, attachment.conversation_id)
+    ):
+        raise Http404("No such image")
+    return attachment

@@ -12,7 +12,12 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
 from . import batches, context_window, events, generation
-from .access import batch_get_for_user, conversation_get_for_user, model_get_for_user
+from .access import (
+    batch_get_for_user,
+    conversation_get_for_user,
+    model_get_for_user,
+    share_get_for_viewer,
+)
 from .conversations import conversation_set_model, last_reply
 from .errors import ClientError
 from .models import Batch
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 100_000
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_GONE = 4404  # a shared view whose share was revoked: the page stops reconnecting
 CLOSE_TRY_AGAIN = 1013  # the channel layer is down: the page reconnects with backoff
 
 
@@ -297,3 +303,90 @@ class BatchConsumer(AsyncJsonWebsocketConsumer):
 
     async def user_force_close(self, event: dict) -> None:
         await self.close(code=CLOSE_UNAUTHENTICATED)
+
+
+# ---- shared views (issue 16) -------------------------------------------------------------------
+
+READ_ONLY = (
+    "This is a shared conversation: it is read-only. "
+    "Use “Continue as my copy” to carry on in a conversation of your own."
+)
+
+
+class SharedConsumer(ChatConsumer):
+    """A read-only view of a conversation through a share (/ws/shared/<share id>/).
+
+    The same frames as the owner's socket (state on connect, deltas with their seq, reply ends),
+    so a reply is followed live; every command that would change anything is refused. Access is
+    access.share_get_for_viewer, checked on connect and again on every "state"; a revoke
+    reaches the socket through the share's group (any process) and closes it.
+    """
+
+    share_id: int | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        try:
+            share = await database_sync_to_async(share_get_for_viewer)(
+                user, self.scope["url_route"]["kwargs"]["share_id"]
+            )
+        except Http404:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.attached = {}
+        await self.accept()
+        try:
+            await events.share_socket_join(
+                socket=self,
+                share_id=share.pk,
+                conversation_id=share.conversation_id,
+                user_id=user.pk,
+            )
+        except Exception as exc:
+            log.warning("shared socket closed, channel layer unavailable: %r", exc)
+            await self.close(code=CLOSE_TRY_AGAIN)
+            return
+        self.share_id = share.pk
+        self.conversation = share.conversation
+        # Revoked between the check and the join: the revoke's event may have gone before we
+        # were in the group, so look once more now that any later one will reach us.
+        if not await self._still_shared():
+            return
+        await self.send_state()
+
+    async def disconnect(self, code: int) -> None:
+        if self.share_id is not None:
+            await events.share_socket_leave(
+                socket=self,
+                share_id=self.share_id,
+                conversation_id=self.conversation.pk,
+                user_id=self.scope["user"].pk,
+            )
+
+    async def receive_json(self, content: dict, **kwargs) -> None:
+        kind = content.get("type")
+        handler = {"state": self.handle_state, "ping": self.handle_ping}.get(kind)
+        if handler is None:
+            if kind in ("send", "stop", "regenerate", "edit"):
+                raise ClientError("read_only", READ_ONLY)
+            raise ClientError("unknown_type", f"Unknown frame type {kind!r}.")
+        await handler(content)
+
+    async def handle_state(self, content: dict) -> None:
+        if await self._still_shared():
+            await self.send_state()
+
+    async def _still_shared(self) -> bool:
+        try:
+            await database_sync_to_async(share_get_for_viewer)(self.scope["user"], self.share_id)
+        except Http404:
+            await self.share_revoked({})
+            return False
+        return True
+
+    async def share_revoked(self, event: dict) -> None:
+        await self.send_json(events.frame_share_revoked())
+        await self.close(code=CLOSE_GONE)

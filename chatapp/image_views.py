@@ -13,7 +13,8 @@ sent (as video to a model that takes video, as timestamped frames to the others)
 stays unbound, visible only to its uploader, until the send binds it.
 DELETE /api/attachments/<id>/ removes an unsent upload.
 GET /attachments/<id>/thumbnail/ and /attachments/<id>/image/<part>/ serve the stored bytes to
-users allowed to see the conversation; there is no public media URL.
+users allowed to see the conversation, or to read it through a live share
+(access.attachment_get_for_reader); there is no public media URL.
 
 Pillow runs in a small dedicated thread pool: off the event loop, and off the single thread
 Django and Channels share for sync code (where a slow decode would stall every socket's ORM).
@@ -33,7 +34,12 @@ from django.views.csrf import csrf_failure as default_csrf_failure
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import images, pdfs, videos
-from .access import attachment_get_for_user, conversation_get_for_user, model_get_for_user
+from .access import (
+    attachment_get_for_reader,
+    attachment_get_for_user,
+    conversation_get_for_user,
+    model_get_for_user,
+)
 from .attachments import (
     attachment_create,
     attachment_create_video,
@@ -400,13 +406,13 @@ def _image_response(image) -> HttpResponse:
 
 @require_GET
 def attachment_thumbnail(request: HttpRequest, pk: int) -> HttpResponse:
-    attachment = attachment_get_for_user(request.user, pk)
+    attachment = attachment_get_for_reader(request.user, pk)
     return _image_response(attachment.thumbnail)
 
 
 @require_GET
 def attachment_image(request: HttpRequest, pk: int, part: int) -> HttpResponse:
-    attachment = attachment_get_for_user(request.user, pk)
+    attachment = attachment_get_for_reader(request.user, pk)
     found = attachment.parts.select_related("image").filter(index=part).first()
     if found is None:
         raise Http404("No such image part.")

@@ -5,11 +5,12 @@ and every change is a service in chatapp/library.py. Errors come back as {"code"
 """
 
 from django.contrib.auth.decorators import login_required
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
-from . import audit, library
+from . import audit, library, sharing
 from .access import conversation_get_for_user
 from .errors import ClientError
 
@@ -69,7 +70,10 @@ def conversation_settings(request: HttpRequest, pk: int) -> JsonResponse:
 @require_POST
 def conversation_delete(request: HttpRequest, pk: int) -> JsonResponse:
     conversation = conversation_get_for_user(request.user, pk)
-    library.conversation_delete(conversation=conversation)
+    with transaction.atomic():
+        # Sharing (issue 16): its open shared views close once the delete commits.
+        sharing.shares_close_for_conversation(conversation)
+        library.conversation_delete(conversation=conversation)
     return JsonResponse({"deleted": pk})
 
 

@@ -764,3 +764,38 @@ class SavedPrompt(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+# ---- sharing a conversation (issue 16: chatapp/sharing.py) -------------------------------------
+
+
+class ConversationShare(models.Model):
+    """A conversation shared, read-only, with the team it is charged to, or with chosen members
+    of that team (`members` non-empty). Revoking sets `revoked_at`; the row stays for the
+    record. Who may read through it: access.share_get_for_viewer."""
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="shares")
+    shared_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="shares_made"
+    )
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="shares")
+    # Empty = the whole team; otherwise only these members of it.
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="shares_received"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["conversation", "revoked_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.conversation} shared with {self.team}"

@@ -9,6 +9,7 @@ from . import (
     oidc_views,
     project_views,
     prompt_views,
+    share_views,
     views,
 )
 
@@ -134,6 +135,16 @@ urlpatterns = [
     path("prompts/export.json", prompt_views.prompts_export, name="prompts-export"),
     path("prompts/import", prompt_views.prompts_import, name="prompts-import"),
     path("api/prompts/", prompt_views.prompt_list, name="prompt-list"),
+    # ---- sharing (issue 16) ----
+    path(
+        "api/conversations/<int:pk>/shares",
+        share_views.conversation_shares,
+        name="conversation-shares",
+    ),
+    path("api/shares/<int:pk>/revoke", share_views.share_revoke, name="share-revoke"),
+    path("shared/<int:pk>/", share_views.shared_page, name="shared"),
+    path("api/shared/<int:pk>/fork", share_views.share_fork, name="share-fork"),
+    # ---- end sharing ----
     path("healthz", views.healthz, name="healthz"),
     # The admin's log-out, through the app's view so it is audited too (matched before admin's).
     path(

@@ -48,6 +48,14 @@ process, is in `batch.<id>`; the runner publishes from whichever worker runs it)
 Batch frames are best effort (a layer outage may drop one): the page asks for "state" on
 reconnect, on "layer.up" and every few seconds while the batch runs.
 
+Shared views (consumers.SharedConsumer, /ws/shared/<share id>/; read-only; every socket on a
+share, in any process, is in `share.<id>` as well as the conversation's group):
+- client "state" and "ping" as above; "send", "stop", "regenerate" and "edit" are refused with
+  an "error" {code: "read_only"} and change nothing.
+- server frames: the conversation's frames above ("state", "delta", "message", "reply.end", …),
+  so a viewer follows a reply live with the same seq promise; and "share.revoked" {message}:
+  the share ended (revoked, or the conversation deleted). The socket is then closed (4404).
+
 Publishing on the streaming path never raises into the reply: `publish` reports failure,
 `deliver` retries with backoff until the layer takes the frame. Frames are encoded to JSON once
 here, so a consumer forwards text without re-encoding it per token.
@@ -75,6 +83,8 @@ PUBLISH_TIMEOUT = 2.0
 # At-least-once frames: backoff between tries, and how long to keep trying.
 DELIVER_BACKOFF = (0.1, 5.0)
 DELIVER_GIVE_UP = 600.0
+# A revoke tells open shared views for this long while the layer is down (the request waits).
+SHARE_CLOSE_GIVE_UP = 5.0
 
 
 def conversation_group(conversation_id: int) -> str:
@@ -91,6 +101,10 @@ def user_group(user_id: int) -> str:
 
 def batch_group(batch_id: int) -> str:
     return f"batch.{batch_id}"
+
+
+def share_group(share_id: int) -> str:
+    return f"share.{share_id}"
 
 
 # ---- frames ------------------------------------------------------------------------------------
@@ -596,3 +610,48 @@ def _watch() -> _LayerWatch:
 
 def layer_is_up() -> bool:
     return _watch().up
+
+
+# ---- shared views (issue 16) -------------------------------------------------------------------
+
+
+def frame_share_revoked() -> dict:
+    return {
+        "type": "share.revoked",
+        "message": "This conversation is no longer shared with you.",
+    }
+
+
+async def share_socket_join(*, socket, share_id: int, conversation_id: int, user_id: int) -> None:
+    """A read-only viewer: the conversation's frames (socket_join, with its probe) and the
+    share's own group, through which a revoke reaches it in any process."""
+    await get_channel_layer().group_add(share_group(share_id), socket.channel_name)
+    await socket_join(socket=socket, conversation_id=conversation_id, user_id=user_id)
+
+
+async def share_socket_leave(*, socket, share_id: int, conversation_id: int, user_id: int) -> None:
+    await socket_leave(socket=socket, conversation_id=conversation_id, user_id=user_id)
+    try:
+        await get_channel_layer().group_discard(share_group(share_id), socket.channel_name)
+    except Exception as exc:
+        log.info("shared socket leave during a channel-layer outage: %r", exc)
+
+
+async def share_sockets_close(share_id: int) -> None:
+    """Close every open view of this share, in any process (revoked). Retried like `deliver`
+    while the layer is down; a view that still misses it re-checks access on its next state."""
+    delay, cap = DELIVER_BACKOFF
+    deadline = time.monotonic() + SHARE_CLOSE_GIVE_UP
+    while True:
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await get_channel_layer().group_send(
+                    share_group(share_id), {"type": "share.revoked"}
+                )
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                log.error("could not tell share %s's views it was revoked: %r", share_id, exc)
+                return
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(cap, delay * 2)

@@ -6,8 +6,9 @@ const PING_EVERY_MS = 25000;
 const DEAD_AFTER_MS = 60000;
 
 export class ConversationSocket {
-  constructor(conversationId, { onFrame, onStatus }) {
-    this.url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/conversations/${conversationId}/`;
+  // `path` picks another socket of the same protocol (the read-only shared view's).
+  constructor(conversationId, { onFrame, onStatus, path = null }) {
+    this.url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${path || `/ws/conversations/${conversationId}/`}`;
     this.onFrame = onFrame;
     this.onStatus = onStatus;
     this.attempt = 0;
@@ -49,6 +50,10 @@ export class ConversationSocket {
       if (ws !== this.ws || this.closed) return;
       if (event.code === 4401 || event.code === 4403) {
         this.onStatus("refused");
+        return;
+      }
+      if (event.code === 4404) { // a shared view whose share ended: nothing to come back to
+        this.onStatus("gone");
         return;
       }
       this.scheduleReconnect();
