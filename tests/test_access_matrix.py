@@ -145,6 +145,40 @@ def _batch_item(world: dict) -> int:
     return world["batch"].items.first().pk
 
 
+# ---- sharing (issue 16) ----
+
+
+def _share(world: dict, *, chosen: bool = False, revoked: bool = False) -> int:
+    """A share of the owner's conversation with team A (or with the member only, chosen)."""
+    from django.utils import timezone
+
+    from chatapp.models import ConversationShare
+
+    share = ConversationShare.objects.create(
+        conversation=world["conversation"],
+        shared_by=world["users"]["owner"],
+        team=world["team"],
+        revoked_at=timezone.now() if revoked else None,
+    )
+    if chosen:
+        share.members.set([world["users"]["member"]])
+    return share.pk
+
+
+def _shared_image(world: dict) -> int:
+    """A sent image of the shared conversation (a team share exists)."""
+    _share(world)
+    return _image(world, sent=True)
+
+
+# Team share: its team's members read it (team A: member, and team_admin as a member of A).
+SHARE_READERS = {"owner": 200, "member": 200, "team_admin": 200}
+# Chosen members (the member only): the team admin is a team mate who was not chosen.
+CHOSEN_READERS = {"owner": 200, "member": 200}
+
+# ---- end sharing ----
+
+
 def client_for(world: dict, role: str) -> Client:
     client = Client()
     user = world["users"][role]
@@ -165,6 +199,8 @@ class Case:
     route: str = ""
     # Fixtures the case needs, put into the world by name (e.g. the identity provider).
     fixtures: tuple[str, ...] = ()
+    # Roles that read the conversation here (through a share): its text may be in the answer.
+    readers: tuple[str, ...] = ()
 
 
 def every(status, *, anonymous=LOGIN, deactivated=LOGIN) -> dict:
@@ -421,6 +457,73 @@ URL_CASES = {
         only({"owner": 200}, others=404),
         route="batches/<int:pk>/export.jsonl",
     ),
+    # ---- sharing (issue 16) ----
+    "conversation-shares": Case(
+        "get",
+        lambda w: f"/api/conversations/{w['conversation'].pk}/shares",
+        only({"owner": 200}, others=404),
+        route="api/conversations/<int:pk>/shares",
+    ),
+    "conversation-shares-create": Case(
+        "post",
+        lambda w: f"/api/conversations/{w['conversation'].pk}/shares",
+        only({"owner": 201}, others=404),
+        data=lambda w: {"scope": "team"},
+        route="api/conversations/<int:pk>/shares",
+    ),
+    "share-revoke": Case(
+        "post",
+        lambda w: f"/api/shares/{_share(w)}/revoke",
+        only({"owner": 200}, others=404),
+        route="api/shares/<int:pk>/revoke",
+    ),
+    "shared": Case(
+        "get",
+        lambda w: f"/shared/{_share(w)}/",
+        only(SHARE_READERS, others=404),
+        route="shared/<int:pk>/",
+        readers=("member", "team_admin"),
+    ),
+    "shared-chosen-members": Case(
+        "get",
+        lambda w: f"/shared/{_share(w, chosen=True)}/",
+        only(CHOSEN_READERS, others=404),
+        route="shared/<int:pk>/",
+        readers=("member",),
+    ),
+    "shared-revoked": Case(
+        "get",
+        lambda w: f"/shared/{_share(w, revoked=True)}/",
+        only({}, others=404),
+        route="shared/<int:pk>/",
+    ),
+    "share-fork": Case(
+        "post",
+        lambda w: f"/api/shared/{_share(w)}/fork",
+        only({role: 201 for role in SHARE_READERS}, others=404),
+        route="api/shared/<int:pk>/fork",
+    ),
+    "share-fork-chosen-members": Case(
+        "post",
+        lambda w: f"/api/shared/{_share(w, chosen=True)}/fork",
+        only({role: 201 for role in CHOSEN_READERS}, others=404),
+        route="api/shared/<int:pk>/fork",
+    ),
+    "attachment-thumbnail-shared": Case(
+        "get",
+        lambda w: f"/attachments/{_shared_image(w)}/thumbnail/",
+        only(SHARE_READERS, others=404, anonymous=404, deactivated=404),
+        route="attachments/<int:pk>/thumbnail/",
+        readers=("member", "team_admin"),
+    ),
+    "attachment-image-shared": Case(
+        "get",
+        lambda w: f"/attachments/{_shared_image(w)}/image/0/",
+        only(SHARE_READERS, others=404, anonymous=404, deactivated=404),
+        route="attachments/<int:pk>/image/<int:part>/",
+        readers=("member", "team_admin"),
+    ),
+    # ---- end sharing ----
     "admin-conversation": Case(
         "get",
         lambda w: f"/admin/chatapp/conversation/{w['conversation'].pk}/change/",
@@ -651,7 +754,7 @@ def test_url_access(name, role, rf, request):
     assert response.status_code == status, f"{name} as {role}"
     if location is not None:
         assert response["Location"].startswith(location), f"{name} as {role}"
-    if role != "owner" and response.status_code == 200:
+    if role != "owner" and role not in case.readers and response.status_code == 200:
         assert b"private answer" not in response.content or role == "staff"
 
 
@@ -672,6 +775,7 @@ def test_every_websocket_route_and_action_is_in_the_matrix():
     assert routes == {
         "ws/conversations/<int:conversation_id>/",
         "ws/batches/<int:batch_id>/",
+        "ws/shared/<int:share_id>/",
     }, "add it to the matrix"
     source = inspect.getsource(ChatConsumer.receive_json)
     dispatched = set(re.findall(r'"([a-z_.]+)": self\.handle_', source))
@@ -685,6 +789,14 @@ def test_every_websocket_route_and_action_is_in_the_matrix():
     assert dispatched, "the batch dispatch table moved: update this check"
     missing = dispatched - set(BATCH_ACTIONS)
     assert not missing, f"add the batch client frame types {missing} to BATCH_ACTIONS"
+    from chatapp.consumers import SharedConsumer
+
+    source = inspect.getsource(SharedConsumer.receive_json)
+    dispatched = set(re.findall(r'"([a-z_.]+)": self\.handle_', source))
+    assert dispatched, "the shared dispatch table moved: update this check"
+    # Every action of the owner's socket, and every one the viewer's socket handles, has a row.
+    missing = (dispatched | set(ACTIONS)) - set(SHARED_ACTIONS)
+    assert not missing, f"add the shared-view client frame types {missing} to SHARED_ACTIONS"
 
 
 # ---- websockets -----------------------------------------------------------------------------
@@ -765,3 +877,93 @@ async def test_batch_socket_access(action, role):
     frames = await receive_until(ws, BATCH_ACTIONS[action])
     assert frames[-1]["type"] == BATCH_ACTIONS[action]
     await ws.disconnect()
+
+
+# ---- sharing (issue 16): the read-only shared view's socket, /ws/shared/<id>/ ----
+
+SHARED_CONNECT = {
+    "owner": "accepted",
+    "member": "accepted",
+    "other_team": 4403,
+    "team_admin": "accepted",  # a member of team A: the team share includes them
+    "staff": 4403,
+    "anonymous": 4401,
+    "deactivated": 4401,
+}
+# Shared with the member only: the team admin, a team mate not chosen, is refused.
+SHARED_CHOSEN_CONNECT = {**SHARED_CONNECT, "team_admin": 4403}
+
+# What a reader gets for each client action: reading works, everything else is refused.
+SHARED_ACTIONS = {
+    "state": ("state", None),
+    "ping": ("pong", None),
+    "send": ("error", "read_only"),
+    "stop": ("error", "read_only"),
+    "regenerate": ("error", "read_only"),
+    "edit": ("error", "read_only"),
+}
+
+
+async def _open_shared(user, share_id):
+    from channels.testing import WebsocketCommunicator
+
+    from chatapp.asgi import application
+    from tests.conftest import ORIGIN, session_cookie
+
+    headers = [ORIGIN]
+    if user is not None:
+        headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
+    ws = WebsocketCommunicator(application, f"/ws/shared/{share_id}/", headers=headers)
+    connected, code = await ws.connect(timeout=10)
+    return connected, code, ws
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("action", sorted(SHARED_ACTIONS))
+async def test_shared_socket_access(action, role):
+    world = await database_sync_to_async(build_world)()
+    share_id = await database_sync_to_async(_share)(world)
+    connected, code, ws = await _open_shared(world["users"][role], share_id)
+    if SHARED_CONNECT[role] != "accepted":
+        assert not connected and code == SHARED_CONNECT[role]
+        return
+    assert connected
+    first = await ws.receive_json_from()
+    assert first["type"] == "state" and first["last"]["content"] == "private answer"
+    frame = ACTIONS[action][0](world) if action in ACTIONS else {"type": action}
+    await ws.send_json_to(frame)
+    expected, code = SHARED_ACTIONS[action]
+    frames = await receive_until(ws, expected)
+    assert frames[-1]["type"] == expected
+    if code is not None:
+        assert frames[-1]["code"] == code
+    # Nothing changed: the conversation still has its two messages, the reply untouched.
+    reply = await Message.objects.aget(pk=world["reply"].pk)
+    assert reply.content == "private answer"
+    assert await Message.objects.filter(conversation=world["conversation"]).acount() == 2
+    await ws.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", ROLES)
+async def test_shared_socket_with_chosen_members(role):
+    world = await database_sync_to_async(build_world)()
+    share_id = await database_sync_to_async(lambda: _share(world, chosen=True))()
+    connected, code, ws = await _open_shared(world["users"][role], share_id)
+    if SHARED_CHOSEN_CONNECT[role] != "accepted":
+        assert not connected and code == SHARED_CHOSEN_CONNECT[role]
+        return
+    assert connected
+    assert (await ws.receive_json_from())["type"] == "state"
+    await ws.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", ROLES)
+async def test_shared_socket_of_a_revoked_share(role):
+    world = await database_sync_to_async(build_world)()
+    share_id = await database_sync_to_async(lambda: _share(world, revoked=True))()
+    connected, code, _ = await _open_shared(world["users"][role], share_id)
+    assert not connected
+    assert code == (4401 if role in ("anonymous", "deactivated") else 4403)
