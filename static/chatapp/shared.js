@@ -1,7 +1,7 @@
 // The read-only shared view (/shared/<id>/): the conversation's text, thinking, images and
 // per-reply stats, a reply followed live while it streams (the same state / seq / delta frames
 // as the owner's page, on /ws/shared/<id>/), and "Continue as my copy". When the share is
-// revoked the server says so and closes the socket: the page shows it and stops.
+// revoked the server says so and closes the socket: the page clears what it showed and stops.
 import { renderMessageImages } from "./attachments.js";
 import { postForm } from "./http.js";
 import { setupPrefs } from "./prefs.js";
@@ -144,7 +144,11 @@ function showEnded(text) {
   const box = $("shared-ended");
   box.textContent = `${text} Reload to check again.`;
   box.hidden = false;
-  for (const el of document.querySelectorAll("#fork-last, .fork-here")) el.disabled = true;
+  // The view closes: what it showed goes too (a revoke takes effect in open views at once).
+  messagesEl.replaceChildren();
+  bubbles.clear();
+  messages.clear();
+  $("fork-last").disabled = true;
   if (socket) socket.close();
 }
 
