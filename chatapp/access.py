@@ -30,7 +30,8 @@ def conversation_get_for_user(user, pk) -> Conversation:
     Only its owner, while their account is active, may see or use a conversation. Nobody else
     does through the app: not a member of the same team, not a team admin (they see members'
     spend and tokens, never their chats), not staff (staff read conversations in the Django
-    admin only). Every view, upload, image, export and socket goes through here.
+    admin only). Every view, upload, image, export and socket goes through here. Reading it
+    through a share, read-only, is the separate rule share_get_for_viewer below.
     """
     if not user.is_authenticated or not user.is_active:
         raise Http404("No such conversation")
@@ -252,13 +253,10 @@ def share_get_for_viewer(user, pk) -> ConversationShare:
 def share_get_for_owner(user, pk) -> ConversationShare:
     """A share its conversation's owner manages (see who, revoke): 404 for anyone else, through
     the owner rule (conversation_get_for_user)."""
-    share = (
-        ConversationShare.objects.select_related("team").filter(pk=pk).first()
-        if str(pk).isdigit()
-        else None
-    )
-    if share is None:
-        raise Http404("No such share")
+    try:
+        share = ConversationShare.objects.select_related("team").get(pk=pk)
+    except (ConversationShare.DoesNotExist, ValueError, TypeError):
+        raise Http404("No such share") from None
     conversation_get_for_user(user, share.conversation_id)
     return share
 

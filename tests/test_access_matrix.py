@@ -2,6 +2,8 @@
 
 The rule (access.conversation_get_for_user): only the owner, while active, sees or uses
 a conversation; same-team members, team admins and staff get 404 / close 4403 like strangers.
+Through a share (access.share_get_for_viewer) the share's readers read it, read-only: the
+members of team A (the team admin too), or only the chosen member; never staff or other teams.
 
 To cover a new URL, add one Case to URL_CASES: the method, a function building the path from the
 `world` (and optionally the POST data), and the expected result for each role: a status code, or

@@ -5,7 +5,8 @@ Every frame a socket receives is built here, and every `group_send`, `group_add`
 
 Groups: every socket watching a conversation (in any process) is in `conversation.<id>`; every
 running reply listens on `generation.<message id>` for stop and state requests, answered on the
-asker's own channel; every socket of a user is in `user.<id>` so losing access closes them all.
+asker's own channel; every socket of a user is in `user.<id>` so losing access closes them all;
+every read-only shared view is in `share.<share id>` too, so a revoke closes them.
 
 Client frames (handled by consumers.ChatConsumer):
 - "send" {text, model?, attachments?: [image ids], client_id?}: save a message, start a reply.
