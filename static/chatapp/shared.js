@@ -112,8 +112,20 @@ function renderMessage(message) {
   }
 }
 
+// As on the owner's page: a reply that shows streaming but has been quiet for a while may have
+// ended unheard (its end frame lost while the message bus restarted): ask for the state.
+const QUIET_CHECK_MS = 3000;
+setInterval(() => {
+  if (live && !live.heardAt) live.heardAt = Date.now();
+  if (live && socket && !ended && Date.now() - live.heardAt > QUIET_CHECK_MS) {
+    live.heardAt = Date.now();
+    socket.send({ type: "state" });
+  }
+}, 1000);
+
 function renderLive() {
   if (!live) return;
+  live.heardAt = Date.now();
   const el = bubbleFor({ id: live.id, role: "assistant" });
   el.dataset.status = "streaming";
   el.classList.add("streaming");
@@ -195,7 +207,7 @@ const handlers = {
     if (frame.reasoning) live.reasoning += frame.reasoning;
     renderLive();
   },
-  "reply.status"() {},
+  "reply.status"() { if (live) live.heardAt = Date.now(); },
   "reply.end"(frame) {
     if (live && live.id === frame.message.id) live = null;
     renderMessage(frame.message);
