@@ -16,6 +16,7 @@ from . import accounts, audit, model_catalog, teams
 from .models import (
     AuditEntry,
     Conversation,
+    ConversationShare,
     Membership,
     Message,
     ModelConfig,
@@ -653,6 +654,45 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+# ---- sharing (issue 16) ----
+
+
+@admin.register(ConversationShare)
+class ConversationShareAdmin(admin.ModelAdmin):
+    """Read-only: who shared which conversation with whom, and when it was revoked. Shares are
+    made and revoked by conversation owners on the chat page (audited there)."""
+
+    list_display = ("conversation", "shared_by", "team", "audience", "created_at", "revoked_at")
+    list_filter = ("team", ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("conversation__title", "shared_by__username", "team__name")
+    date_hierarchy = "created_at"
+
+    @admin.display(description="shared with")
+    def audience(self, share: ConversationShare) -> str:
+        names = sorted(u.get_username() for u in share.members.all())
+        return ", ".join(names) if names else "the whole team"
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("conversation", "shared_by", "team")
+            .prefetch_related("members")
+        )
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+# ---- end sharing ----
 
 
 admin.site.unregister(User)

@@ -173,6 +173,12 @@ def _shared_image(world: dict) -> int:
     return _image(world, sent=True)
 
 
+def _shares_admin(world: dict) -> str:
+    """The admin's list of shares, with one in it."""
+    _share(world, chosen=True)
+    return "/admin/chatapp/conversationshare/"
+
+
 # Team share: its team's members read it (team A: member, and team_admin as a member of A).
 SHARE_READERS = {"owner": 200, "member": 200, "team_admin": 200}
 # Chosen members (the member only): the team admin is a team mate who was not chosen.
@@ -524,6 +530,13 @@ URL_CASES = {
         only(SHARE_READERS, others=404, anonymous=404, deactivated=404),
         route="attachments/<int:pk>/image/<int:part>/",
         readers=("member", "team_admin"),
+    ),
+    # Staff see shares in the admin (read-only), like conversations; nobody else.
+    "admin-conversation-shares": Case(
+        "get",
+        lambda w: _shares_admin(w),
+        only({"staff": 200}, others=ADMIN_LOGIN, anonymous=ADMIN_LOGIN, deactivated=ADMIN_LOGIN),
+        route="admin/",
     ),
     # ---- end sharing ----
     "admin-conversation": Case(

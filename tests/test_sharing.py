@@ -188,6 +188,12 @@ def test_chosen_members_only_and_who_it_is_shared_with():
     assert _client(chosen).get(f"/api/conversations/{conversation.pk}/shares").status_code == 404
     entry = AuditEntry.objects.get(action="share.created")
     assert entry.changes["members"] == ["chosen"] and entry.changes["team"] == "Design"
+    # Staff see it in the admin, read-only.
+    staff = user_create(username="root", is_staff=True, is_superuser=True)
+    listing = _client(staff).get("/admin/chatapp/conversationshare/").content.decode()
+    assert "Dashboard review" in listing and "chosen" in listing
+    change = _client(staff).get(f"/admin/chatapp/conversationshare/{share['id']}/change/")
+    assert change.status_code == 200 and 'name="_save"' not in change.content.decode()
 
 
 def test_a_conversation_without_a_team_cannot_be_shared():
