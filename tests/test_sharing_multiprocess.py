@@ -14,12 +14,13 @@ import sys
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from chatapp.models import AuditEntry, ConversationShare
-from tests.conftest import session_cookie
+from tests.conftest import CHANNEL_LAYER_PREFIX, session_cookie
 from tests.factories import conversation_create, team_create, user_create
 from tests.fake_upstream import stream_reply
 from tests.test_multiprocess import ROOT, open_client, pair, start_server  # noqa: F401 (fixtures)
@@ -153,3 +154,59 @@ async def test_a_revoke_on_one_process_closes_the_shared_view_on_the_other(pair,
     await on_a.close()
     for http in (owner_http, mate_http_b, mate_http_a):
         await http.close()
+
+
+async def test_shared_views_that_come_and_go_leave_no_subscription_behind(pair, fake_upstream):  # noqa: F811
+    """Ten shared views open and close on B while a reply streams on A: Redis keeps no
+    subscription of theirs (their own channels, the share's group, the conversation's)."""
+    a, b = pair
+    owner, mate, conversation = await database_sync_to_async(_world)()
+    owner_http = Http(a, (await database_sync_to_async(session_cookie)(owner)).decode())
+    share = (
+        await owner_http.post(f"/api/conversations/{conversation.pk}/shares", {"scope": "team"})
+    ).json()
+    mate_cookie = (await database_sync_to_async(session_cookie)(mate)).decode()
+    tokens = [f"t{i} " for i in range(200)]
+    fake_upstream.enqueue(stream_reply(tokens, delay=0.05))
+    sender = await open_client(a, owner, conversation.pk)
+    await sender.send({"type": "send", "text": "go"})
+    await sender.until("delta")
+    client = aioredis.from_url(os.environ["REDIS_URL"])
+
+    async def subscriptions() -> int:
+        return len(await client.pubsub_channels(f"{CHANNEL_LAYER_PREFIX}*"))
+
+    async def share_group_subscribed() -> bool:
+        name = f"{CHANNEL_LAYER_PREFIX}__group__share.{share['id']}".encode()
+        return name in await client.pubsub_channels(f"{CHANNEL_LAYER_PREFIX}__group__share.*")
+
+    async def watch_once() -> None:
+        ws = await connect(
+            f"{b.url}/ws/shared/{share['id']}/",
+            additional_headers={"Cookie": mate_cookie, "Origin": "http://127.0.0.1"},
+            open_timeout=30,
+        )
+        state = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert state["type"] == "state"
+        assert "".join(tokens).startswith((state["reply"] or {}).get("content", ""))
+        await ws.close()
+
+    try:
+        # The owner's own socket on B, come and gone: B's mailbox channel exists from here on.
+        await (await open_client(b, owner, conversation.pk)).close()
+        await asyncio.sleep(0.5)
+        before = await subscriptions()
+        for _ in range(10):
+            await watch_once()
+        for _ in range(75):  # unsubscribes are asynchronous: up to 15 s
+            after, shared = await subscriptions(), await share_group_subscribed()
+            if after <= before and not shared:
+                break
+            await asyncio.sleep(0.2)
+        assert after <= before
+        assert not shared, "the share's group is still subscribed with no view open"
+        assert (await sender.until("reply.end"))["message"]["status"] == "complete"
+    finally:
+        await client.aclose()
+        await sender.close()
+        await owner_http.close()

@@ -631,11 +631,12 @@ async def share_socket_join(*, socket, share_id: int, conversation_id: int, user
 
 
 async def share_socket_leave(*, socket, share_id: int, conversation_id: int, user_id: int) -> None:
-    await socket_leave(socket=socket, conversation_id=conversation_id, user_id=user_id)
     try:
         await get_channel_layer().group_discard(share_group(share_id), socket.channel_name)
     except Exception as exc:
         log.info("shared socket leave during a channel-layer outage: %r", exc)
+    # Last: it also unsubscribes the socket's own channel.
+    await socket_leave(socket=socket, conversation_id=conversation_id, user_id=user_id)
 
 
 async def share_sockets_close(share_id: int) -> None:
