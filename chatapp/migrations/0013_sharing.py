@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("chatapp", "0011_batches"),
+        ("chatapp", "0012_projects_prompts"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
