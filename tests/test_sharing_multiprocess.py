@@ -23,7 +23,8 @@ from chatapp.models import AuditEntry, ConversationShare
 from tests.conftest import CHANNEL_LAYER_PREFIX, session_cookie
 from tests.factories import conversation_create, team_create, user_create
 from tests.fake_upstream import stream_reply
-from tests.test_multiprocess import ROOT, open_client, pair, start_server  # noqa: F401 (fixtures)
+from tests.servers import ROOT
+from tests.test_multiprocess import open_client, pair, start_server  # noqa: F401 (fixtures)
 from tests.test_streams import Viewer
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True)]
