@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 PASSWORD = "browser-test-pw-123"
-USERS = 24  # one fresh account per scenario, made in one go at start-up
+USERS = 80  # one fresh account per scenario (and per helper account), made in one go at start-up
 # Generous: two cores shared with other jobs; never a statement about speed.
 TIMEOUT_MS = 20_000
 
