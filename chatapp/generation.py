@@ -37,6 +37,7 @@ from .conversations import history_for_request, turn_edit, turn_regenerate, turn
 from .errors import ClientError
 from .models import Conversation, Message
 from .pricing import reply_cost
+from .providers import errors as provider_errors
 from .providers.base import ChatRequest, ProviderClient, ProviderError, Usage
 from .providers.gate import GatedClient, ordinal
 from .providers.openai_compat import merge_reasoning_details
@@ -162,6 +163,11 @@ class Generation:
                 received = self.content or self.reasoning
                 if not exc.retryable or received or attempt > retries:
                     raise
+                final = provider_errors.never_fits(
+                    exc, request_tokens=context_window.estimate_messages(self.request.messages)
+                )
+                if final is not None:
+                    raise final from exc
                 if exc.retry_after and exc.retry_after > MAX_RETRY_AFTER:
                     raise
                 self.retries = attempt
@@ -446,8 +452,8 @@ def _admit(
     before_id: int | None = None,
     max_output_tokens: int | None = None,
 ) -> None:
-    """The gates every new reply passes before anything is written, in one database hop: a
-    usable model, the context window, then budgets and the rate limit."""
+    """The gates a new reply passes before its turn is written: a usable model, the context
+    window (text), then budgets. The rate limit comes last, in _turn_commit."""
     model = conversation.model
     if model is not None and not model.available:
         # Retired or gone from the provider's list: say so, and what to continue with (the
@@ -463,7 +469,21 @@ def _admit(
         )
     # Refuse a conversation about to overflow the window before anything is written.
     context_window.check_send_fits(conversation=conversation, text=text, before_id=before_id)
-    teams.send_check(conversation=conversation)
+    teams.budget_check(conversation=conversation, user=conversation.owner)
+
+
+@transaction.atomic
+def _turn_commit(*, conversation: Conversation, admit: dict, turn, **turn_args):
+    """Every gate, the turn's rows and the request plan in one database hop and one
+    transaction: whatever refuses (model, window with its images, budget, rate limit) rolls
+    the whole turn back, so a refused send leaves no message and its images stay unsent,
+    ready for a resend. Returns (turn's result, plan, owner is staff)."""
+    _admit(conversation=conversation, **admit)
+    result = turn(conversation=conversation, **turn_args)
+    reply = result[1] if isinstance(result, tuple) else result
+    plan = _plan_reply(conversation=conversation, reply=reply)
+    teams.rate_limit_check(user=conversation.owner)  # last: a refused send uses no slot
+    return result, plan, conversation.owner.is_staff
 
 
 async def reply_send(
@@ -471,11 +491,15 @@ async def reply_send(
 ) -> tuple[Message, Message]:
     """Commit the user's message (and its images) and start the reply; returns (user message,
     reply)."""
-    await database_sync_to_async(_admit)(conversation=conversation, text=text)
-    user_message, reply = await database_sync_to_async(turn_start)(
-        conversation=conversation, text=text, user=user, attachment_ids=attachment_ids
+    (user_message, reply), plan, staff = await database_sync_to_async(_turn_commit)(
+        conversation=conversation,
+        admit={"text": text},
+        turn=turn_start,
+        text=text,
+        user=user,
+        attachment_ids=attachment_ids,
     )
-    await _reply_begin(conversation=conversation, reply=reply)
+    await _reply_begin(conversation=conversation, reply=reply, plan=plan, staff=staff)
     return user_message, reply
 
 
@@ -484,13 +508,13 @@ async def reply_regenerate(
 ) -> Message:
     """Write the last reply again (Retry after an error, or Regenerate), optionally with a
     larger output budget (kept on the conversation)."""
-    await database_sync_to_async(_admit)(
-        conversation=conversation, text="", before_id=reply_id, max_output_tokens=max_output_tokens
+    reply, plan, staff = await database_sync_to_async(_turn_commit)(
+        conversation=conversation,
+        admit={"text": "", "before_id": reply_id, "max_output_tokens": max_output_tokens},
+        turn=turn_regenerate,
+        reply_id=reply_id,
     )
-    reply = await database_sync_to_async(turn_regenerate)(
-        conversation=conversation, reply_id=reply_id
-    )
-    await _reply_begin(conversation=conversation, reply=reply)
+    await _reply_begin(conversation=conversation, reply=reply, plan=plan, staff=staff)
     return reply
 
 
@@ -499,19 +523,23 @@ async def reply_edit(
 ) -> tuple[Message, Message]:
     """Replace an earlier user message (and every later turn) and write a new reply to it."""
     # The same gates as a send: the edited turn must fit, and budgets / rate limits apply.
-    await database_sync_to_async(_admit)(conversation=conversation, text=text, before_id=message_id)
-    message, reply = await database_sync_to_async(turn_edit)(
-        conversation=conversation, message_id=message_id, text=text
+    (message, reply), plan, staff = await database_sync_to_async(_turn_commit)(
+        conversation=conversation,
+        admit={"text": text, "before_id": message_id},
+        turn=turn_edit,
+        message_id=message_id,
+        text=text,
     )
-    await _reply_begin(conversation=conversation, reply=reply)
+    await _reply_begin(conversation=conversation, reply=reply, plan=plan, staff=staff)
     return message, reply
 
 
-async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generation:
-    """Build the request from the stored history and start the reply's own task."""
+async def _reply_begin(
+    *, conversation: Conversation, reply: Message, plan, staff: bool
+) -> Generation:
+    """Start the reply's own task with its planned request."""
     model = conversation.model
     provider = model.provider
-    plan, staff = await database_sync_to_async(_plan_reply)(conversation=conversation, reply=reply)
 
     async def waiting(position: int) -> None:
         text = f"waiting for the provider: {ordinal(position)} in line" if position else ""
@@ -543,23 +571,16 @@ async def _reply_begin(*, conversation: Conversation, reply: Message) -> Generat
     return generation
 
 
-def _plan_reply(*, conversation: Conversation, reply: Message):
-    """History -> the clamped request; a full window ends the reply before any call."""
+def _plan_reply(*, conversation: Conversation, reply: Message) -> context_window.Plan:
+    """History (with the turn's images) -> the clamped request; ClientError when it does not
+    fit the window. Run inside the turn's transaction, so a refusal writes nothing."""
     messages = history_for_request(conversation, before=reply)
-    try:
-        plan = context_window.plan_request(
-            conversation=conversation,
-            model=conversation.model,
-            messages=messages,
-            before_id=reply.pk,
-        )
-    except ClientError as exc:
-        Message.objects.filter(pk=reply.pk).update(
-            status=Message.Status.ERROR, error=exc.message, updated_at=timezone.now()
-        )
-        teams.usage_record_for_reply(message=Message.objects.get(pk=reply.pk))  # nothing spent
-        raise
-    return plan, conversation.owner.is_staff  # one query when owner is not loaded
+    return context_window.plan_request(
+        conversation=conversation,
+        model=conversation.model,
+        messages=messages,
+        before_id=reply.pk,
+    )
 
 
 async def reply_stop(*, conversation: Conversation) -> bool:

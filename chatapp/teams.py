@@ -16,7 +16,9 @@ Synchronous ORM code; async callers go through database_sync_to_async.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import math
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -250,33 +252,50 @@ def budget_check(*, conversation: Conversation, user) -> None:
             )
 
 
+RATE_WINDOW_SECONDS = 60
+
+
+def _rate_key(user_id: int, second: int) -> str:
+    return f"rate:{user_id}:{second}"
+
+
 def rate_limit_check(*, user) -> None:
-    """Count one request against the user's per-minute limit; refuse (ClientError) past it."""
+    """Count one request against the user's limit over the last minute; refuse (ClientError)
+    past it. A sliding window, not calendar minutes: requests are counted per second (one
+    cache counter each, incremented atomically) and the last 60 seconds are summed, so a burst
+    across a minute boundary still gets the limit, not twice it. A refused request is not
+    counted. Concurrent requests can only make the check stricter (each sees the others)."""
     limit = settings.USER_REQUESTS_PER_MINUTE
     if limit <= 0:
         return
-    seconds = now().timestamp()
-    window = int(seconds // 60)
-    key = f"rate:{user.pk}:{window}"
-    cache.add(key, 0, timeout=120)
+    moment = now().timestamp()
+    second = int(moment)
+    current = _rate_key(user.pk, second)
+    ttl = 2 * RATE_WINDOW_SECONDS
+    cache.add(current, 0, timeout=ttl)
     try:
-        count = cache.incr(key)
+        cache.incr(current)
     except ValueError:  # expired between add and incr
-        cache.set(key, 1, timeout=120)
-        count = 1
-    if count > limit:
-        wait = 60 - int(seconds % 60)
-        raise ClientError(
-            "rate_limited",
-            f"You can send {limit} messages a minute. Try again in {wait} seconds.",
-        )
-
-
-def send_check(*, conversation: Conversation) -> None:
-    """The gate before any upstream call (generation.reply_send / reply_regenerate)."""
-    user = conversation.owner
-    budget_check(conversation=conversation, user=user)
-    rate_limit_check(user=user)
+        cache.set(current, 1, timeout=ttl)
+    seconds = range(second - RATE_WINDOW_SECONDS + 1, second + 1)
+    counts = cache.get_many([_rate_key(user.pk, s) for s in seconds])
+    per_second = [(s, int(counts.get(_rate_key(user.pk, s)) or 0)) for s in seconds]
+    total = sum(count for _, count in per_second)
+    if total <= limit:
+        return
+    with contextlib.suppress(ValueError):
+        cache.decr(current)  # a refused request does not count
+    # The wait: until enough of the earliest requests leave the window to admit one more.
+    must_leave, left, wait = total - limit, 0, RATE_WINDOW_SECONDS
+    for s, count in per_second:
+        left += count - (1 if s == second else 0)
+        if left >= must_leave:
+            wait = max(1, math.ceil(s + RATE_WINDOW_SECONDS - moment))
+            break
+    raise ClientError(
+        "rate_limited",
+        f"You can send {limit} messages a minute. Try again in {wait} seconds.",
+    )
 
 
 # ---- usage records --------------------------------------------------------------------------

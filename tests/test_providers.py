@@ -11,8 +11,8 @@ from chatapp.generation import THINKING_BUDGET_MESSAGE
 from chatapp.model_catalog import catalog_sync, reset_catalog_cache
 from chatapp.models import Conversation, Message, ModelConfig, Provider
 from tests.conftest import connect, receive_until
-from tests.factories import user_create
-from tests.fake_upstream import stream_reply
+from tests.factories import conversation_create, user_create
+from tests.fake_upstream import error_response, stream_reply
 from tests.provider_fakes import (
     fixture_stream,
     moonshot_error,
@@ -259,6 +259,50 @@ async def test_moonshot_errors_that_are_not_retried(moonshot, status, error_type
     assert shown in reply.error
     error = next(f for f in frames if f["type"] == "error")
     assert shown in error["message"]
+
+
+async def test_a_429_whose_token_rate_limit_is_below_the_request_is_final(moonshot):
+    """Moonshot's TPM 429 names the limit; a request larger than it never fits, so it is not
+    retried (a smaller request under the same wording is, below)."""
+    tpm = (
+        "Your account org-1 / proj-2 <ak-3> request reached project TPM rate limit, "
+        "current: 1410, limit: 100, see https://platform.moonshot.cn/docs/pricing/limits"
+    )
+    moonshot.enqueue(moonshot_error(429, "rate_limit_reached_error", tpm))
+    user, conversation = await make_chat(model_id="kimi-k2.6")
+    frames, reply = await chat(user, conversation, "describe " * 400)
+    assert len(moonshot.chat_requests()) == 1
+    assert not any(f["type"] == "reply.status" and "retrying" in f["text"] for f in frames)
+    error = next(f for f in frames if f["type"] == "error")
+    assert error["code"] == "over_token_rate_limit"
+    assert "tokens-per-minute limit" in error["message"] and "never" in error["message"]
+    assert reply.status == "error" and reply.error == error["message"]
+
+    # The same limit with a request that fits it: an ordinary rate limit, retried.
+    moonshot.enqueue(
+        moonshot_error(429, "rate_limit_reached_error", tpm.replace("1410", "120")),
+        moonshot_stream(["Fine."]),
+    )
+    user, conversation = await make_chat(model_id="kimi-k2.6")
+    frames, reply = await chat(user, conversation, "Hi")
+    assert (reply.status, reply.content) == ("complete", "Fine.")
+
+
+async def test_an_openai_style_429_stating_the_request_above_the_limit_is_final(fake_upstream):
+    fake_upstream.enqueue(
+        error_response(
+            429,
+            "Request too large for kimi on tokens per min (TPM): Limit 30000, Used 0, "
+            "Requested 45000. The input or output tokens must be reduced.",
+            "tokens",
+        )
+    )
+    user = await database_sync_to_async(user_create)()
+    conversation = await database_sync_to_async(conversation_create)(owner=user)
+    frames, reply = await chat(user, conversation)
+    assert len(fake_upstream.chat_requests()) == 1
+    assert next(f for f in frames if f["type"] == "error")["code"] == "over_token_rate_limit"
+    assert reply.status == "error"
 
 
 async def test_an_invalid_key_names_the_key_to_staff_only(moonshot):

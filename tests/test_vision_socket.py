@@ -292,3 +292,35 @@ async def test_the_editors_note_follows_its_image_and_is_cleaned(fake_upstream):
     parts = request.json["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url"]
     assert parts[2]["text"] == marked["note"]  # right after its own image, before the next
+
+
+async def test_a_send_refused_for_its_images_writes_nothing_and_the_images_can_be_resent(
+    fake_upstream,
+):
+    """The window check that counts images runs before the turn is committed: a refusal
+    leaves no message (neither the user's nor an error reply) and the images unsent, so the
+    same upload goes out with the next send."""
+    user = await make_user()
+    conversation = await make_conversation(owner=user)
+    await ModelConfig.objects.filter(pk=conversation.model_id).aupdate(context_window=4_000)
+    photo = await upload(user, f.encode(f.photo(1600, 1600), "JPEG", quality=90), "big.jpg")
+    ws = await connect(user, conversation.pk)
+    await ws.receive_json_from()
+
+    await ws.send_json_to({"type": "send", "text": "What is this?", "attachments": [photo["id"]]})
+    frames = await receive_until(ws, "error")
+    assert frames[-1]["code"] == "context_full", frames[-1]
+    assert not [f for f in frames if f["type"] == "message"]
+    assert await Message.objects.filter(conversation=conversation).acount() == 0
+    attachment = await Attachment.objects.aget(pk=photo["id"])
+    assert attachment.message_id is None
+    assert fake_upstream.chat_requests() == []
+
+    await ModelConfig.objects.filter(pk=conversation.model_id).aupdate(context_window=262_144)
+    frames = await send(ws, "What is this?", [photo["id"]])
+    await ws.disconnect()
+    assert frames[-1]["message"]["status"] == "complete"
+    assert [a["id"] for a in frames[0]["message"]["attachments"]] == [photo["id"]]
+    (request,) = fake_upstream.chat_requests()
+    decode_image_part(request.json["messages"][0]["content"][1])
+    assert await Message.objects.filter(conversation=conversation).acount() == 2

@@ -3,6 +3,8 @@
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from .scrub import scrub
+
 
 @dataclass(slots=True)
 class ChatRequest:
@@ -82,6 +84,7 @@ class ProviderError(Exception):
         code: str = "upstream_error",
         detail: str = "",
         staff_message: str = "",
+        tokens_per_minute: int | None = None,
     ) -> None:
         super().__init__(user_message)
         self.user_message = user_message
@@ -89,9 +92,13 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.status = status
         self.code = code
-        self.detail = detail  # upstream text, for logs and staff only
+        # Upstream text, for logs and staff only, scrubbed of keys (an upstream may echo the
+        # request's Authorization header).
+        self.detail = scrub(detail)
         # A fuller message for staff (e.g. which provider key failed); never holds the key.
-        self.staff_message = staff_message
+        self.staff_message = scrub(staff_message)
+        # A 429 that names the tokens-per-minute limit: a request larger than this never fits.
+        self.tokens_per_minute = tokens_per_minute
 
     def message_for(self, *, staff: bool) -> str:
         return self.staff_message if staff and self.staff_message else self.user_message

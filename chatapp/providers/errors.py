@@ -18,6 +18,11 @@ import re
 from .base import ProviderError
 
 RETRY_AFTER_TEXT = re.compile(r"after (\d+(?:\.\d+)?) ?s", re.IGNORECASE)
+# Tokens-per-minute 429s. Moonshot: "... project TPM rate limit, current: 1410, limit: 100"
+# (current includes the refused request); OpenAI-style: "... on tokens per min (TPM): Limit
+# 30000, Used 0, Requested 45000".
+TPM_LIMIT_TEXT = re.compile(r"\bTPM\b.{0,60}?\blimit\b\W{0,3}(\d+)", re.IGNORECASE)
+TPM_REQUESTED_TEXT = re.compile(r"\brequested\W{0,3}(\d+)", re.IGNORECASE)
 MAX_DETAIL = 2000
 
 
@@ -73,6 +78,13 @@ class BadRequest(ProviderError):
     default_code = "bad_request"
 
 
+class NeverFits(ProviderError):
+    """A 429 whose tokens-per-minute limit is below the request's own size: waiting for the
+    minute to pass cannot help, so it is final."""
+
+    default_code = "over_token_rate_limit"
+
+
 MESSAGES = {
     RateLimited: "The model provider's rate limit was reached. Please try again shortly.",
     Overloaded: "The model provider is overloaded right now. Please try again shortly.",
@@ -97,6 +109,15 @@ MESSAGES = {
     ModelNotFound: "The provider does not offer this model. Ask an administrator to check it.",
     UpstreamServerError: "The model provider had a server error. Please try again.",
     UpstreamTimeout: "The model provider timed out. Please try again.",
+    BadRequest: (
+        "The model provider refused the request. Try rephrasing it or removing an image; "
+        "if it keeps happening, ask an administrator (the reason is in the server log)."
+    ),
+    NeverFits: (
+        "This request is larger than the provider account's tokens-per-minute limit, so it "
+        "can never be sent as it is. Start a new conversation with less text or fewer images, "
+        "or ask an administrator to raise the provider's limit."
+    ),
 }
 RETRYABLE = {RateLimited, Overloaded, UpstreamServerError, UpstreamTimeout}
 
@@ -109,6 +130,7 @@ def make(
     retry_after: float | None = None,
     message: str | None = None,
     staff_message: str = "",
+    tokens_per_minute: int | None = None,
 ) -> ProviderError:
     return kind(
         message or MESSAGES[kind],
@@ -118,7 +140,25 @@ def make(
         code=kind.default_code,
         detail=detail[:MAX_DETAIL],
         staff_message=staff_message,
+        tokens_per_minute=tokens_per_minute,
     )
+
+
+def tokens_per_minute_limit(text: str) -> tuple[int | None, int | None]:
+    """(the TPM limit, the request's own size when the text states it) of a 429's message."""
+    limit = TPM_LIMIT_TEXT.search(text or "")
+    if limit is None:
+        return None, None
+    requested = TPM_REQUESTED_TEXT.search(text)
+    return int(limit.group(1)), int(requested.group(1)) if requested else None
+
+
+def never_fits(exc: ProviderError, *, request_tokens: int) -> ProviderError | None:
+    """The final error for a tokens-per-minute 429 when the request alone (estimated by the
+    caller) is larger than the limit; None when waiting may help."""
+    if exc.tokens_per_minute is None or request_tokens <= exc.tokens_per_minute:
+        return None
+    return make(NeverFits, status=exc.status, detail=exc.detail)
 
 
 def retry_after_from_text(text: str) -> float | None:
@@ -171,7 +211,16 @@ def classify(
     if status == 429:
         if "overloaded" in text:
             return make(Overloaded, status=status, detail=detail, retry_after=retry_after)
-        return make(RateLimited, status=status, detail=detail, retry_after=retry_after)
+        limit, requested = tokens_per_minute_limit(message)
+        if limit is not None and requested is not None and requested > limit:
+            return make(NeverFits, status=status, detail=detail)
+        return make(
+            RateLimited,
+            status=status,
+            detail=detail,
+            retry_after=retry_after,
+            tokens_per_minute=limit,
+        )
     if status == 413:
         return make(RequestTooLarge, status=status, detail=detail)
     if status == 408:
@@ -189,12 +238,14 @@ def classify(
     kind = _classify_400(text)
     if kind is not None:
         return make(kind, status=status, detail=detail)
-    shown = message.strip() or "no reason given"
+    # The upstream's own words go to the log and staff only (scrubbed by ProviderError): an
+    # upstream may quote the request, Authorization header included.
+    shown = message.strip()[:300] or "no reason given"
     return make(
         BadRequest,
         status=status,
         detail=detail,
-        message=f"The model provider refused the request: {shown[:300]}",
+        staff_message=f"The model provider refused the request: {shown}",
     )
 
 

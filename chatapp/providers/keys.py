@@ -14,6 +14,8 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.db import models
 
+from .scrub import remember
+
 PREFIX = "fernet:"
 
 
@@ -33,18 +35,22 @@ def fernet() -> MultiFernet:
 def encrypt(plain: str) -> str:
     if not plain:
         return ""
+    remember(plain)
     return PREFIX + fernet().encrypt(plain.encode()).decode()
 
 
 def decrypt(stored: str) -> str:
     if not stored or not stored.startswith(PREFIX):
+        remember(stored)
         return stored or ""
     try:
-        return fernet().decrypt(stored[len(PREFIX) :].encode()).decode()
+        plain = fernet().decrypt(stored[len(PREFIX) :].encode()).decode()
     except InvalidToken:
         # Encrypted with a key we no longer have: behave as "no key" (the provider answers
         # 401 and staff see which key), never crash the page.
         return ""
+    remember(plain)  # from now on scrubbed from every upstream text this process keeps or logs
+    return plain
 
 
 class EncryptedTextField(models.TextField):
