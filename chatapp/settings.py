@@ -197,7 +197,9 @@ else:
     }
 
 # Login throttling and rate limits count in the cache, so it must be shared by every process:
-# Redis when REDIS_URL is set, else a table in the database (`createcachetable`).
+# Redis when REDIS_URL is set, else a table in the database, made by `migrate` (the
+# cache_table migration runs `createcachetable`; `start` / `prepare` run it again, for a
+# cache configured after that migration ran).
 if REDIS_URL:
     CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}

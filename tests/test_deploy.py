@@ -6,11 +6,14 @@ container would run it, against a fresh SQLite database of its own.
 
 import os
 import secrets
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,3 +167,83 @@ def test_production_files_exist_and_name_their_pieces(name):
     }[name]
     missing = [needle for needle in needles if needle not in text]
     assert not missing
+
+
+def test_a_plain_migrate_then_daphne_serves_a_login(tmp_path):
+    """The standard Django deploy, with no custom command: collectstatic (the image build),
+    `migrate` on a fresh SQLite, then daphne; the log-in (which counts failures in the database
+    cache) works."""
+    env = clean_env(
+        tmp_path,
+        SECRET_KEY=secrets.token_urlsafe(50),
+        DEBUG="false",
+        SECURE_HTTPS="false",
+        STATIC_ROOT=str(tmp_path / "static"),
+    )
+    collected = run([sys.executable, "manage.py", "collectstatic", "--noinput"], env)
+    assert collected.returncode == 0, collected.stderr
+    migrated = run([sys.executable, "manage.py", "migrate", "--noinput"], env)
+    assert migrated.returncode == 0, migrated.stderr
+    database = sqlite3.connect(tmp_path / "db.sqlite3")
+    tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master")}
+    assert "chatapp_cache" in tables
+    database.close()
+    script = (
+        "from django.contrib.auth.models import User; "
+        "User.objects.create_user('plain', password='a-long-pass-123')"
+    )
+    made = run([sys.executable, "manage.py", "shell", "-c", script], env)
+    assert made.returncode == 0, made.stderr
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "daphne.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            + ["chatapp.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                status = httpx.get(f"{base}/login/", timeout=5).status_code
+            except httpx.HTTPError:
+                status = None
+            if status is not None:
+                assert status == 200, log.read_text()
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            page = client.get("/login/")
+            token = client.cookies["csrftoken"]
+            wrong = client.post(
+                "/login/",
+                data={"username": "plain", "password": "wrong", "csrfmiddlewaretoken": token},
+                headers={"Referer": f"{base}/login/"},
+            )
+            assert wrong.status_code == 200, wrong.text[-2000:]  # refused, not a 500
+            response = client.post(
+                "/login/",
+                data={
+                    "username": "plain",
+                    "password": "a-long-pass-123",
+                    "csrfmiddlewaretoken": token,
+                },
+                headers={"Referer": f"{base}/login/"},
+            )
+            assert page.status_code == 200
+            assert response.status_code == 302, response.text[-2000:]
+            assert client.get("/").status_code == 200
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert "no such table" not in log.read_text()
