@@ -1,5 +1,7 @@
 from django.apps import AppConfig
 
+from .providers.scrub import install_log_scrubber
+
 
 class ChatAppConfig(AppConfig):
     name = "chatapp"
@@ -8,7 +10,6 @@ class ChatAppConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
-        from .providers.scrub import install_log_scrubber
 
         # Provider keys never reach a log line, whoever logs the upstream's text.
         install_log_scrubber()

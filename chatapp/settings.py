@@ -267,7 +267,7 @@ STATIC_ROOT = Path(env_str("STATIC_ROOT") or BASE_DIR / "staticfiles")
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "chatapp.static_storage.ModuleManifestStorage"},
 }
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT") or DATA_DIR / "media")  # never served by URL
 
