@@ -4,6 +4,7 @@ Each raises Http404 (or ClientError for a model) when the user may not use the o
 forbidden object looks exactly like a missing one.
 """
 
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import Http404
@@ -290,3 +291,29 @@ def attachment_get_for_reader(user, pk) -> Attachment:
     ):
         raise Http404("No such image")
     return attachment
+
+
+def team_members_manageable_by(admin):
+    """The accounts `admin` may deactivate or reactivate from the team page. Staff: anyone but
+    themselves. A team admin: the plain members of the teams they administer, never a co-admin
+    (nor an admin of any team: the account is shared by all its teams), never staff."""
+    users = get_user_model().objects.exclude(pk=admin.pk)
+    if not admin.is_authenticated or not admin.is_active:
+        return users.none()
+    if admin.is_staff:
+        return users
+    run = Membership.objects.filter(user=admin, role=Membership.Role.ADMIN).values("team_id")
+    admins = Membership.objects.filter(role=Membership.Role.ADMIN).values("user_id")
+    return (
+        users.filter(memberships__team_id__in=run, is_staff=False, is_superuser=False)
+        .exclude(pk__in=admins)
+        .distinct()
+    )
+
+
+def team_member_get_for_admin(admin, user_id):
+    """The member `admin` manages on the team page; Http404 for anyone else."""
+    try:
+        return team_members_manageable_by(admin).get(pk=user_id)
+    except (get_user_model().DoesNotExist, ValueError, TypeError):
+        raise Http404("Not a member you manage") from None

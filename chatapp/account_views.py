@@ -9,7 +9,6 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import get_user_model
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -20,7 +19,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse_lazy
 from django.views.decorators.http import require_GET, require_POST
 
-from . import accounts, audit, oidc, teams, usage
+from . import access, accounts, audit, oidc, teams, usage
 from .models import Membership, Team
 
 
@@ -114,11 +113,16 @@ def team_page(request: HttpRequest) -> HttpResponse:
         raise PermissionDenied("Team admins only")
     summaries = [teams.team_summary(team) for team in administered]
     admin = request.user
+    manageable = set(access.team_members_manageable_by(admin).values_list("pk", flat=True))
     for summary in summaries:
         for row in summary["members"]:
             member = row["user"]
-            row["manageable"] = member.pk != admin.pk and (
-                admin.is_staff or not (member.is_staff or member.is_superuser)
+            row["manageable"] = member.pk in manageable
+            # Staff decisions win: a team admin cannot reactivate someone staff deactivated.
+            row["staff_decision"] = (
+                not member.is_active
+                and not admin.is_staff
+                and accounts.deactivated_by_staff(member)
             )
     start, _ = teams.month_bounds()
     return render(
@@ -131,17 +135,20 @@ def team_page(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def team_member_active(request: HttpRequest, user_id: int) -> HttpResponse:
-    """Deactivate (active=0) or reactivate (active=1) a member of a team the requester runs."""
+    """Deactivate (active=0) or reactivate (active=1) a member of a team the requester runs.
+    A team admin manages plain members only, and cannot undo a deactivation staff made."""
     admin = request.user
     if not teams.teams_administered_by(admin):
         raise PermissionDenied("Team admins only")
-    manageable = get_user_model().objects.filter(teams.users_in_teams_of(admin)).distinct()
-    if not admin.is_staff:
-        manageable = manageable.filter(is_staff=False, is_superuser=False)
-    member = manageable.exclude(pk=admin.pk).filter(pk=user_id).first()
-    if member is None:
-        raise Http404("Not a member you manage")
+    member = access.team_member_get_for_admin(admin, user_id)
     if request.POST.get("active") == "1":
+        if not admin.is_staff and accounts.deactivated_by_staff(member):
+            messages.error(
+                request,
+                f"{member.get_username()} was deactivated by staff; only staff can reactivate "
+                "this account.",
+            )
+            return redirect("team")
         accounts.user_reactivate(user=member, actor=admin, request=request)
         messages.success(request, f"{member.get_username()} can log in again.")
     else:

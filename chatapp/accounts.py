@@ -39,6 +39,7 @@ from django.utils.http import urlsafe_base64_encode
 
 from . import audit, events, teams
 from .audit import client_ip
+from .models import AuditEntry
 
 log = logging.getLogger(__name__)
 
@@ -257,15 +258,28 @@ def sessions_delete_for(*, user) -> int:
     return len(doomed)
 
 
+def _decided_by(actor) -> str:
+    """Who a deactivation is recorded as: staff (also the system, with no actor) or a team
+    admin. Staff decisions win: a team admin cannot undo one."""
+    if actor is None or not getattr(actor, "is_authenticated", False) or actor.is_staff:
+        return BY_STAFF
+    return BY_TEAM_ADMIN
+
+
+BY_STAFF = "staff"
+BY_TEAM_ADMIN = "team admin"
+
+
 @transaction.atomic
 def user_deactivate(*, user, actor=None, request=None) -> None:
-    """Log the user out everywhere and refuse new log-ins."""
+    """Log the user out everywhere and refuse new log-ins. The audit entry records who decided
+    (staff or a team admin): see deactivated_by_staff."""
     get_user_model().objects.filter(pk=user.pk).update(is_active=False)
     audit.audit_record(
         actor=actor,
         action="user.deactivated",
         obj=user,
-        changes={"is_active": [user.is_active, False]},
+        changes={"is_active": [user.is_active, False], "deactivated_by": _decided_by(actor)},
         request=request,
     )
     user.is_active = False
@@ -285,6 +299,22 @@ def user_reactivate(*, user, actor=None, request=None) -> None:
         request=request,
     )
     user.is_active = True
+
+
+def deactivated_by_staff(user) -> bool:
+    """Whether the user's current deactivation is staff's decision: made by staff (the admin's
+    action or user form, or the system), or not recorded at all. Only a deactivation a team
+    admin made on the team page may be undone by a team admin."""
+    if user.is_active:
+        return False
+    entries = AuditEntry.objects.filter(
+        object_type=user._meta.label_lower, object_id=str(user.pk)
+    ).only("changes")
+    for entry in entries.order_by("-created_at", "-id")[:50]:
+        change = (entry.changes or {}).get("is_active")
+        if isinstance(change, list) and len(change) == 2 and change[1] is False:
+            return entry.changes.get("deactivated_by") != BY_TEAM_ADMIN
+    return True
 
 
 def set_password_link_used(*, user, request) -> None:

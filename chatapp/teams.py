@@ -25,7 +25,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from .errors import ClientError
@@ -358,13 +358,3 @@ def team_summary(team: Team) -> dict:
     if team.monthly_budget_usd is not None:
         left = max(team.monthly_budget_usd - total.cost_usd, ZERO)
     return {"team": team, "spend": total, "budget_left": left, "members": member_rows(team)}
-
-
-def users_in_teams_of(admin) -> Q:
-    """Users a team admin may manage: members of the teams they administer (staff: everyone)."""
-    if admin.is_staff:
-        return Q()
-    return Q(
-        memberships__team__memberships__user=admin,
-        memberships__team__memberships__role=Membership.Role.ADMIN,
-    )

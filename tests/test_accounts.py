@@ -15,6 +15,7 @@ from django.test import Client
 
 from chatapp import accounts, teams
 from chatapp.models import Membership
+from tests.admin_forms import admin_post
 from tests.conftest import connect
 from tests.factories import conversation_create, team_create, user_create
 
@@ -347,3 +348,62 @@ def test_the_admin_login_page_is_throttled_too(settings):
     assert "Too many failed log-ins for this account" in page.content.decode()
     # The app's own log-in page shares the lock.
     assert "Too many failed" in login(Client(), "root", "root's password 1").content.decode()
+
+
+@pytest.mark.django_db
+def test_a_team_admin_manages_members_only_and_cannot_undo_staff(client):
+    """Team admins cannot deactivate a co-admin (or any team's admin, or staff), cannot
+    reactivate someone staff deactivated (by the admin action or the user form), and can undo
+    their own deactivations; staff decisions win, and staff can undo anything."""
+    boss, co_admin, worker, other_boss = (user_create() for _ in range(4))
+    team = team_create(members=[worker], admins=[boss, co_admin])
+    team_create(members=[boss], admins=[other_boss])
+    client.force_login(boss)
+
+    def set_active(user, value: str):
+        return client.post(f"/team/members/{user.pk}/active/", {"active": value})
+
+    assert set_active(co_admin, "0").status_code == 404
+    co_admin.refresh_from_db()
+    assert co_admin.is_active
+    page = client.get("/team/").content.decode()
+    assert f"/team/members/{co_admin.pk}/active/" not in page
+    assert f"/team/members/{worker.pk}/active/" in page
+
+    # Staff deactivate the worker through the admin's user form (untick Active).
+    staff = admin_client()
+    response = admin_post(staff, f"/admin/auth/user/{worker.pk}/change/", is_active=False)
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    worker.refresh_from_db()
+    assert not worker.is_active
+    assert accounts.deactivated_by_staff(worker)
+
+    response = set_active(worker, "1")
+    assert response.status_code == 302
+    worker.refresh_from_db()
+    assert not worker.is_active  # the staff decision stands
+    page = client.get("/team/")
+    assert "only staff can reactivate" in " ".join(page_messages(page))
+    assert "deactivated by staff" in page.content.decode()
+    assert f"/team/members/{worker.pk}/active/" not in page.content.decode()
+
+    # Staff reactivate; the team admin's own deactivation is theirs to undo.
+    accounts.user_reactivate(user=worker, actor=User.objects.get(is_staff=True))
+    assert set_active(worker, "0").status_code == 302
+    worker.refresh_from_db()
+    assert not worker.is_active and not accounts.deactivated_by_staff(worker)
+    assert set_active(worker, "1").status_code == 302
+    worker.refresh_from_db()
+    assert worker.is_active
+
+    # Staff deactivation by the list action is staff's too.
+    staff.post("/admin/auth/user/", {"action": "deactivate_users", "_selected_action": [worker.pk]})
+    set_active(worker, "1")
+    worker.refresh_from_db()
+    assert not worker.is_active
+
+    # The other team's admin cannot touch boss (an admin elsewhere), even though boss is a
+    # plain member of their team.
+    client.force_login(other_boss)
+    assert client.post(f"/team/members/{boss.pk}/active/", {"active": "0"}).status_code == 404
+    assert team.memberships.count() == 3

@@ -207,7 +207,8 @@ def test_admin_actions_deactivate_reactivate_move_are_recorded():
     client.post(base, {"action": "reactivate_users", "_selected_action": [user.pk]})
     client.post(base, {"action": "move_to_team", "_selected_action": [user.pk], "team": new.pk})
     (off,) = entries("user.deactivated")
-    assert off.actor == staff and off.changes == {"is_active": [True, False]}
+    assert off.actor == staff
+    assert off.changes == {"is_active": [True, False], "deactivated_by": "staff"}
     (on,) = entries("user.reactivated")
     assert on.changes == {"is_active": [False, True]}
     (moved,) = entries("user.moved_team")
@@ -224,6 +225,7 @@ def test_team_admin_deactivation_is_recorded(client):
     client.post(f"/team/members/{member.pk}/active/", {"active": "0"}, REMOTE_ADDR="192.0.2.1")
     (entry,) = entries("user.deactivated")
     assert entry.actor == admin and entry.object_id == str(member.pk)
+    assert entry.changes["deactivated_by"] == "team admin"
     assert entry.address == "192.0.2.1"
 
 
