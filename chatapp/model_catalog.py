@@ -273,6 +273,10 @@ def _sync_models(
     for model_id, model in existing.items():
         if model_id in offered_ids:
             continue
+        if model.origin == ModelConfig.Origin.STAFF:
+            # Staff added it: their decision, whatever the list shows (some servers list only
+            # part of what they serve). A 404 when it is used still marks it (model_gone).
+            continue
         if discovered is not None and model_id not in discovered:
             if model_mark_unavailable(model, note=f"No longer in {provider.name}'s model list."):
                 report.unavailable.append(f"{provider.name}: {model.display_name}")

@@ -16,6 +16,7 @@ from chatapp.model_catalog import catalog_sync, models_for_user, reset_catalog_c
 from chatapp.models import Conversation, Message, ModelConfig, Provider, UsageRecord
 from chatapp.providers import catalog
 from chatapp.providers.moonshot import MoonshotClient
+from tests.admin_forms import admin_post
 from tests.conftest import connect, receive_until
 from tests.factories import user_create
 from tests.fake_upstream import FakeResponse, chunk, sse
@@ -556,3 +557,55 @@ def test_staff_can_hand_a_model_back_to_the_catalog(moonshot):
     )
     k3 = model("kimi-k3")
     assert (k3.staff_overrides, k3.price_output) == ([], Decimal("15.00"))
+
+
+def test_staff_edits_on_an_environment_provider_with_a_readable_list_survive_two_syncs(
+    fake_upstream,
+):
+    """Through the real admin forms: staff disable and re-describe the model the environment
+    names, enable a listed model the catalog does not know, and add one the server's list
+    does not show. Two syncs (a refresh, then a restart) undo none of it."""
+    fake_upstream.models = ["fake-model", "listed-unknown"]
+    catalog_sync()
+    assert model("listed-unknown").enabled is False  # unknown: waits for staff
+    client = staff_client()
+    base = "/admin/chatapp/modelconfig"
+    response = admin_post(
+        client,
+        f"{base}/{model('fake-model').pk}/change/",
+        enabled=False,
+        display_name="Fake (house)",
+        price_input="1.2500",
+        context_window=64_000,
+        max_output_limit=8_000,
+        vision=False,
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    response = admin_post(client, f"{base}/{model('listed-unknown').pk}/change/", enabled=True)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    provider = Provider.objects.get(name="OpenAI-compatible")
+    response = admin_post(
+        client,
+        f"{base}/add/",
+        provider=provider.pk,
+        model_id="staff-extra",
+        display_name="Staff extra",
+        enabled=True,
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+
+    for _ in range(2):  # a refresh, then a restart
+        catalog_sync()
+        reset_catalog_cache()
+        model_catalog.ensure_catalog()
+
+    fake = model("fake-model")
+    assert fake.enabled is False and fake.vision is False
+    assert (fake.display_name, fake.price_input) == ("Fake (house)", Decimal("1.25"))
+    assert (fake.context_window, fake.max_output_limit) == (64_000, 8_000)
+    assert model("listed-unknown").enabled is True
+    extra = model("staff-extra")
+    assert extra.enabled is True and extra.status == ModelConfig.Status.AVAILABLE
+    offered = [m.model_id for m in models_for_user(user_create())]
+    assert "staff-extra" in offered and "listed-unknown" in offered
+    assert "fake-model" not in offered
