@@ -14,11 +14,12 @@ RUN groupadd --system app && useradd --system --gid app --home-dir /app app \
     && mkdir -p /app /data && chown app:app /app /data
 WORKDIR /app
 
-# Dependencies first (from pyproject.toml, the package itself dropped again), so a code change
-# does not reinstall them; the app runs from /app.
-COPY pyproject.toml README.md ./
+# Dependencies first (from pyproject.toml at the exact versions of constraints.txt, the package
+# itself dropped again), so a code change does not reinstall them; the app runs from /app.
+COPY pyproject.toml README.md constraints.txt ./
 COPY chatapp/__init__.py chatapp/__init__.py
-RUN pip install --no-compile . && pip uninstall -y kimichat && rm -rf build ./*.egg-info
+RUN pip install --no-compile -c constraints.txt . && pip uninstall -y kimichat \
+    && rm -rf build ./*.egg-info
 
 COPY --chown=app:app . .
 

@@ -5,6 +5,7 @@ container would run it, against a fresh SQLite database of its own.
 """
 
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -247,3 +248,76 @@ def test_a_plain_migrate_then_daphne_serves_a_login(tmp_path):
         server.terminate()
         server.wait(30)
     assert "no such table" not in log.read_text()
+
+
+# ---- supply chain: one pinned set of packages, installed the same way everywhere --------------
+
+
+def _readme_command(number: int) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"**{number}. ", 1)[1]
+    return section.split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not an exact pin: {line}"
+        assert re.fullmatch(r"[A-Za-z0-9.+!_-]+", version), f"not an exact pin: {line}"
+        pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_readme_ci_and_dockerfile_install_through_the_constraints():
+    install = '.venv/bin/pip install -q -c constraints.txt -e ".[test]"'
+    first, second = _readme_command(1), _readme_command(2)
+    assert first == f"python3 -m venv .venv && {install} && .venv/bin/python manage.py start"
+    assert second == f"python3 -m venv .venv && {install} && .venv/bin/python -m pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    body = ci.split("readme_tests() {", 1)[1].split("\n}", 1)[0]
+    commands = [line.strip() for line in body.splitlines() if not line.strip().startswith("#")]
+    assert [c for c in commands if c] == [second]  # the README's second command, verbatim
+    assert f"python3 -m venv .venv && {install}\n.venv/bin/ruff check" in ci  # the lint run
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "constraints.txt" in dockerfile.split("COPY . .")[0]
+    assert "pip install --no-compile -c constraints.txt ." in dockerfile
+    makefile = (ROOT / "Makefile").read_text()
+    assert "constraints:" in makefile and "pip freeze --exclude-editable" in makefile
+
+
+def test_constraints_pin_every_dependency_and_extra_and_the_install_matches():
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        declared += extra
+    missing = []
+    for line in declared:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name not in pins:
+            missing.append(name)
+        elif not requirement.specifier.contains(pins[name], prereleases=True):
+            missing.append(f"{name}=={pins[name]} outside {requirement.specifier}")
+    assert not missing, missing
+    assert "redis" in {canonicalize_name(Requirement(d).name) for d in project["dependencies"]}
+
+    # What this environment runs is what the constraints say (the README's commands install
+    # through them): every pinned package that is installed has the pinned version.
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {n: (installed[n], v) for n, v in pins.items() if n in installed and installed[n] != v}
+    assert not wrong, f"installed != constraints.txt: {wrong}"
+    # ...and nothing the app or its tests use is left unpinned.
+    for name in ("django", "channels", "daphne", "redis", "pytest", "playwright"):
+        assert name in pins
