@@ -26,11 +26,12 @@ import random
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from . import batches, events
+from . import batches, context_window, events
 from .attachments import read_image
 from .generation import MAX_RETRY_AFTER, retry_delay
 from .images import data_url
 from .models import Batch, BatchItem
+from .providers import errors as provider_errors
 from .providers.base import ChatRequest, ProviderError, Usage
 from .providers.gate import BATCH, GatedClient
 from .providers.openai_compat import dumps
@@ -161,6 +162,12 @@ class Runner:
                     raise
                 if exc.retry_after and exc.retry_after > MAX_RETRY_AFTER:
                     raise
+                # A tokens-per-minute limit below this request's own size: waiting cannot help.
+                final = provider_errors.never_fits(
+                    exc, request_tokens=context_window.estimate_messages(request.messages)
+                )
+                if final is not None:
+                    raise final from exc
                 delay = retry_delay(attempt, exc.retry_after)
                 log.info("batch %s: %r, retry %s in %.1fs", self.batch.pk, exc, attempt, delay)
                 await asyncio.sleep(delay)

@@ -59,7 +59,10 @@ def test_openrouter_wrapped_moonshot_400_is_mapped_from_the_upstream_body():
     body = json.loads(logged.split("Body:\\n", 1)[1].strip().encode().decode("unicode_escape"))
     error = errors.from_openai_body(body, status=400)
     assert isinstance(error, errors.BadRequest) and not error.retryable
-    assert "reasoning_content is missing" in error.user_message
+    # The inner (Moonshot) reason reaches staff and logs; users get our own wording.
+    assert "reasoning_content is missing" in error.staff_message
+    assert "reasoning_content is missing" not in error.user_message
+    assert error.user_message.startswith("The model provider refused the request.")
 
 
 def test_workers_ai_codes_map_to_their_policies():
