@@ -22,7 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import teams
-from .models import Message, ModelConfig, Provider
+from .models import AuditEntry, Message, ModelConfig, Provider
 from .providers import catalog
 from .providers.catalog import ModelFacts, parse_model_list
 
@@ -215,8 +215,25 @@ def _upsert_provider(
     }
     if max_concurrency:  # unset in the environment = whatever staff set in the admin
         defaults["max_concurrency"] = max_concurrency
+    existing = Provider.objects.filter(name=name).first()
+    if existing is not None and not existing.enabled and provider_disabled_by_staff(existing):
+        defaults.pop("enabled")  # staff switched it off in the admin: it stays off
     provider, _ = Provider.objects.update_or_create(name=name, defaults=defaults)
     return provider
+
+
+def provider_disabled_by_staff(provider: Provider) -> bool:
+    """Whether the provider's last change of `enabled` was staff unticking it in the admin (the
+    audit log records every admin change, before -> after); seeding's own switch-off when
+    its variables are removed is not a staff decision."""
+    entries = AuditEntry.objects.filter(
+        object_type=provider._meta.label_lower, object_id=str(provider.pk)
+    ).only("changes")
+    for entry in entries.order_by("-created_at", "-id")[:50]:
+        change = (entry.changes or {}).get("enabled")
+        if isinstance(change, list) and len(change) == 2:
+            return change[1] is False
+    return False
 
 
 def workers_ai_base_url() -> str:

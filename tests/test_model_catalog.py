@@ -609,3 +609,23 @@ def test_staff_edits_on_an_environment_provider_with_a_readable_list_survive_two
     offered = [m.model_id for m in models_for_user(user_create())]
     assert "staff-extra" in offered and "listed-unknown" in offered
     assert "fake-model" not in offered
+
+
+def test_an_environment_provider_staff_switched_off_stays_off(fake_upstream):
+    """Seeding owns the provider's address and key, not staff's decision to switch it off."""
+    client = staff_client()
+    provider = Provider.objects.get(name="OpenAI-compatible")
+    url = f"/admin/chatapp/provider/{provider.pk}/change/"
+    response = admin_post(client, url, enabled=False)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    for _ in range(2):
+        catalog_sync()
+        reset_catalog_cache()
+        model_catalog.ensure_catalog()
+    assert Provider.objects.get(pk=provider.pk).enabled is False
+    assert "fake-model" not in [m.model_id for m in models_for_user(user_create())]
+
+    response = admin_post(client, url, enabled=True)
+    assert response.status_code == 302
+    catalog_sync()
+    assert Provider.objects.get(pk=provider.pk).enabled is True
