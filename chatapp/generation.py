@@ -373,7 +373,9 @@ class Generation:
         """Write the terminal state and its usage record in one transaction, only if the reply
         is still streaming under this process (compare-and-set against the reaper)."""
         message = (
-            Message.objects.select_related("model__provider").filter(pk=self.message_id).first()
+            Message.objects.select_related("model__provider", "conversation")
+            .filter(pk=self.message_id)
+            .first()
         )
         if message is None:  # deleted with its conversation while being written
             log.info("reply %s: gone before its final save", self.message_id)

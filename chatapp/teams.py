@@ -301,9 +301,11 @@ def rate_limit_check(*, user) -> None:
 # ---- usage records --------------------------------------------------------------------------
 
 
-def usage_record_for_reply(*, message: Message) -> UsageRecord:
-    """Write the one usage record of a reply that reached a terminal state (idempotent)."""
-    conversation = Conversation.objects.select_related("owner").get(pk=message.conversation_id)
+def usage_record_for_reply(*, message: Message) -> None:
+    """Write the one usage record of a reply that reached a terminal state (idempotent: a
+    second call for the same reply writes nothing). One INSERT … ON CONFLICT DO NOTHING: the
+    final save runs this per reply, so a read-then-write would cost three more statements."""
+    conversation = message.conversation  # no query when the caller loaded it with the message
     model = message.model
     prompt = message.prompt_tokens or 0
     cached = message.cached_tokens or 0
@@ -316,25 +318,23 @@ def usage_record_for_reply(*, message: Message) -> UsageRecord:
         )
     else:
         cost = ZERO
-    record, _ = UsageRecord.objects.get_or_create(
+    record = UsageRecord(
         message=message,
-        defaults={
-            "user_id": conversation.owner_id,
-            "team_id": conversation.team_id,
-            "conversation": conversation,
-            "model": model,
-            "model_name": model.display_name if model else "",
-            "provider_name": model.provider.name if model else "",
-            "served_model": message.served_model,
-            "status": message.status,
-            "prompt_tokens": prompt,
-            "cached_tokens": cached,
-            "completion_tokens": completion,
-            "cost_usd": cost,
-            "created_at": now(),
-        },
+        user_id=conversation.owner_id,
+        team_id=conversation.team_id,
+        conversation=conversation,
+        model=model,
+        model_name=model.display_name if model else "",
+        provider_name=model.provider.name if model else "",
+        served_model=message.served_model,
+        status=message.status,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        completion_tokens=completion,
+        cost_usd=cost,
+        created_at=now(),
     )
-    return record
+    UsageRecord.objects.bulk_create([record], ignore_conflicts=True)
 
 
 def member_rows(team: Team) -> list[dict]:
