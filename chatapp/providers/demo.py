@@ -21,8 +21,8 @@ To chat with a real model, set a provider in the environment and restart:
 
 | Provider | Variables |
 | --- | --- |
-| Moonshot (Kimi K2.5 / K2.6) | `MOONSHOT_API_KEY` |
-| Cloudflare Workers AI (Kimi K2.6) | `CLOUDFLARE_ACCOUNT_ID`, `CLOUDFLARE_API_TOKEN` |
+| Moonshot (Kimi K3, K2.6, K2.7 Code) | `MOONSHOT_API_KEY` |
+| Cloudflare Workers AI (Kimi K3, K2.6) | `CLOUDFLARE_ACCOUNT_ID`, `CLOUDFLARE_API_TOKEN` |
 | Any OpenAI-compatible server | `OPENAI_COMPAT_BASE_URL`, `OPENAI_COMPAT_API_KEY`, `OPENAI_COMPAT_MODELS` |
 
 For example:
