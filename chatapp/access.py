@@ -37,7 +37,11 @@ def conversation_get_for_user(user, pk) -> Conversation:
     if not user.is_authenticated or not user.is_active:
         raise Http404("No such conversation")
     try:
-        return Conversation.objects.select_related("model__provider").get(pk=pk, owner=user)
+        # owner__is_active: the database's word, not the copy of the user a socket loaded at
+        # connect (a deactivated owner's open socket is refused at its next send).
+        return Conversation.objects.select_related("model__provider").get(
+            pk=pk, owner=user, owner__is_active=True
+        )
     except (Conversation.DoesNotExist, ValueError, TypeError):
         raise Http404("No such conversation") from None
 
@@ -75,7 +79,9 @@ def batch_get_for_user(user, pk) -> Batch:
     if not user.is_authenticated or not user.is_active:
         raise Http404("No such batch")
     try:
-        return Batch.objects.select_related("model__provider", "team").get(pk=pk, owner=user)
+        return Batch.objects.select_related("model__provider", "team").get(
+            pk=pk, owner=user, owner__is_active=True
+        )
     except (Batch.DoesNotExist, ValueError, TypeError):
         raise Http404("No such batch") from None
 

@@ -12,12 +12,19 @@
 - There is no sign-up: staff create a user without a password and hand over a one-time
   set-password link (Django's token generator: single use because it hashes the password, and
   it expires after PASSWORD_RESET_TIMEOUT). It is e-mailed too when EMAIL_HOST is set.
-- Deactivating a user ends every session, closes their open websockets (through events.py) and
-  refuses new log-ins.
+- Access that ends closes the user's open websockets at once, in every process (through
+  events.py, `user_sockets_close`): deactivation by any path (admin list action, admin user
+  form, team page) also ends every session and refuses new log-ins; a password change or a
+  password set through a link closes the sockets of every other session (Django's
+  password-changed hook, `SocketsClosedOnPasswordChange`, so no path is missed). Leaving a
+  team or a team losing a model needs no close: every send re-checks both (teams.send_check),
+  and every socket action re-reads the conversation with its owner's current state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import math
@@ -270,6 +277,25 @@ BY_STAFF = "staff"
 BY_TEAM_ADMIN = "team admin"
 
 
+def user_sockets_close(*, user_id: int, keep_session: str | None = None) -> None:
+    """Close the user's open sockets in every process once the current transaction commits
+    (at once outside one); `keep_session` (a session key) keeps that session's sockets."""
+
+    def close() -> None:
+        try:
+            async_to_sync(events.user_sockets_close)(user_id, keep_session=keep_session)
+        except Exception:  # the channel layer is down: the next send re-checks anyway
+            log.exception("could not close the sockets of user %s", user_id)
+
+    transaction.on_commit(close)
+
+
+def user_access_end(*, user) -> None:
+    """A deactivated user (by whatever path): end every session, close every socket."""
+    sessions_delete_for(user=user)
+    user_sockets_close(user_id=user.pk)
+
+
 @transaction.atomic
 def user_deactivate(*, user, actor=None, request=None) -> None:
     """Log the user out everywhere and refuse new log-ins. The audit entry records who decided
@@ -283,9 +309,41 @@ def user_deactivate(*, user, actor=None, request=None) -> None:
         request=request,
     )
     user.is_active = False
-    sessions_delete_for(user=user)
-    user_id = user.pk
-    transaction.on_commit(lambda: async_to_sync(events.user_sockets_close)(user_id))
+    user_access_end(user=user)
+
+
+# The session changing its own password keeps its sockets (set around the view that does it).
+_password_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "password_session", default=None
+)
+
+
+@contextlib.contextmanager
+def password_change_from(request, *, user_id):
+    """Around a view that may change `user_id`'s password: when that is the requester's own
+    password, the requester's session keeps its sockets (Django gives it a new key meanwhile)."""
+    own = getattr(request, "user", None) is not None and str(request.user.pk) == str(user_id)
+    token = _password_session.set(request.session.session_key if own else None)
+    try:
+        yield
+    finally:
+        _password_session.reset(token)
+
+
+class SocketsClosedOnPasswordChange:
+    """Listed in AUTH_PASSWORD_VALIDATORS for Django's password-changed hook (called by
+    User.save() after set_password, whichever path changed it: admin, set-password link,
+    `changepassword`): every other session of the user loses its open sockets."""
+
+    def validate(self, password, user=None) -> None:
+        return None
+
+    def password_changed(self, password, user=None) -> None:
+        if user is not None and user.pk is not None:
+            user_sockets_close(user_id=user.pk, keep_session=_password_session.get())
+
+    def get_help_text(self) -> str:
+        return "Changing it closes the account's chat windows open elsewhere."
 
 
 @transaction.atomic

@@ -565,14 +565,17 @@ class AccountUserAdmin(AuditedAdmin, UserAdmin):
         return self.inlines if obj is not None else []
 
     def save_model(self, request, obj, form, change) -> None:
+        was_active = change and User.objects.filter(pk=obj.pk, is_active=True).exists()
         super().save_model(request, obj, form, change)
+        if was_active and not obj.is_active:  # "Active" unticked: as the list action does
+            accounts.user_access_end(user=obj)
         if not change and form.cleaned_data.get("team"):
             teams.membership_set(
                 user=obj, team=form.cleaned_data["team"], role=form.cleaned_data["role"]
             )
 
     def user_change_password(self, request, id, form_url=""):
-        with transaction.atomic():
+        with transaction.atomic(), accounts.password_change_from(request, user_id=unquote(id)):
             response = super().user_change_password(request, id, form_url)
             if request.method == "POST" and response.status_code == 302:
                 audit.audit_record(
@@ -698,3 +701,13 @@ class ConversationShareAdmin(admin.ModelAdmin):
 admin.site.unregister(User)
 admin.site.register(User, AccountUserAdmin)
 admin.site.login_form = accounts.ThrottledAdminAuthenticationForm
+_site_password_change = admin.site.password_change
+
+
+def _password_change_own(request, extra_context=None):
+    """The admin's "change my password": this browser's sockets stay, the others close."""
+    with accounts.password_change_from(request, user_id=request.user.pk):
+        return _site_password_change(request, extra_context)
+
+
+admin.site.password_change = _password_change_own

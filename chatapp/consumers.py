@@ -31,6 +31,14 @@ CLOSE_GONE = 4404  # a shared view whose share was revoked: the page stops recon
 CLOSE_TRY_AGAIN = 1013  # the channel layer is down: the page reconnects with backoff
 
 
+def _kept(scope, event: dict) -> bool:
+    """A "close this user's sockets" event spares the session that asked for it (a password
+    changed from this browser keeps this browser's sockets)."""
+    keep = event.get("keep_session")
+    session = scope.get("session")
+    return bool(keep) and session is not None and keep == events.session_tag(session.session_key)
+
+
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     conversation = None
     # Seq of the last "state" this socket was sent, per reply: deltas up to it are in the snapshot.
@@ -226,7 +234,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send(text_data=event["text"])
 
     async def user_force_close(self, event: dict) -> None:
-        await self.close(code=CLOSE_UNAUTHENTICATED)
+        if not _kept(self.scope, event):
+            await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def layer_probe(self, event: dict) -> None:
         """Another socket joining this conversation checked its subscription: nothing to do."""
@@ -302,7 +311,8 @@ class BatchConsumer(AsyncJsonWebsocketConsumer):
         await self.send(text_data=event["text"])
 
     async def user_force_close(self, event: dict) -> None:
-        await self.close(code=CLOSE_UNAUTHENTICATED)
+        if not _kept(self.scope, event):
+            await self.close(code=CLOSE_UNAUTHENTICATED)
 
 
 # ---- shared views (issue 16) -------------------------------------------------------------------

@@ -419,38 +419,6 @@ def attachment_image(request: HttpRequest, pk: int, part: int) -> HttpResponse:
     return _image_response(found.image)
 
 
-def upload_size_guard(app):
-    """ASGI wrapper: refuse an upload whose declared size is over the limit before its body is
-    read (Django's ASGI handler spools the whole body before any view runs)."""
-
-    async def guarded(scope, receive, send):
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] in (UPLOAD_PATH, PDF_PREVIEW_PATH)
-        ):
-            declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-            limit = max_upload_bytes() + MULTIPART_OVERHEAD
-            if declared.isdigit() and int(declared) > limit:
-                body = _too_large().content
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 413,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await app(scope, receive, send)
-
-    return guarded
-
-
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """JSON for the page's API calls (the composer shows the message); Django's page otherwise."""
     if request.path.startswith("/api/"):

@@ -5,6 +5,7 @@ and the offline demo model. DATABASE_URL / REDIS_URL switch to PostgreSQL / chan
 Every variable is listed, with its default, in the README.
 """
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -104,6 +105,28 @@ SECRET_KEY = env_str("SECRET_KEY") or _embedded_secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
+
+def _trusted_proxies(raw: str) -> int | list[str]:
+    """TRUSTED_PROXIES: empty = no proxy (the TCP peer is the client); a number = that many
+    proxies in front of the app; else comma-separated addresses / networks of the proxies."""
+    if not raw:
+        return 0
+    if raw.isdigit():
+        return int(raw)
+    entries = [item.strip() for item in raw.split(",") if item.strip()]
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"TRUSTED_PROXIES must be a number or addresses / networks, not {entry!r}"
+            ) from None
+    return entries
+
+
+# Who may say where a request came from (X-Forwarded-For / X-Forwarded-Proto): chatapp/guards.py.
+TRUSTED_PROXIES = _trusted_proxies(env_str("TRUSTED_PROXIES"))
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -114,6 +137,8 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    # Content-Security-Policy header on every response (guards.ContentSecurityPolicyMiddleware).
+    "csp",
     # Background jobs (batches): Django's Tasks framework backported to 5.2, database backend.
     "django_tasks",
     "django_tasks_db",
@@ -129,6 +154,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatapp.guards.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -217,6 +243,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    # Not a rule: Django's password-changed hook, closing the user's other sessions' sockets.
+    {"NAME": "chatapp.accounts.SocketsClosedOnPasswordChange"},
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
@@ -314,12 +342,38 @@ SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", SECURE_HTTPS)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if SECURE_HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HTTPS
 SECURE_HSTS_PRELOAD = SECURE_HTTPS
+# Only a trusted proxy's X-Forwarded-Proto reaches Django (guards.proxy_guard drops it otherwise).
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+# Request bodies: every route but the uploads (images, PDFs, recordings: the largest of their
+# limits; batch files: BATCH_MAX_UPLOAD_BYTES) takes at most this; the largest form or JSON the
+# pages send (a batch of 500 items with its fields) is far below it. Counted as the body arrives,
+# chunked too, and refused with 413 at the limit (guards.py).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024)
+
+# Content-Security-Policy on every response (django-csp). No inline script or style anywhere:
+# model output is sanitised by DOMPurify and this is the second wall. KaTeX styles its output
+# through the DOM (allowed); the editor and thumbnails draw data: and blob: images.
+# guards.ContentSecurityPolicyMiddleware adds the page's ws:// or wss:// origin to connect-src.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:", "blob:"],
+        "media-src": ["'self'", "blob:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "worker-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
 CSRF_FAILURE_VIEW = "chatapp.image_views.csrf_failure"  # JSON for /api/, Django's page otherwise
 
 # Providers. Each one is enabled by its key; the real endpoints are the defaults.

@@ -14,7 +14,9 @@ from chatapp.asgi import application
 from chatapp.model_catalog import catalog_sync, reset_catalog_cache
 from tests.fake_upstream import FakeUpstream
 
+# A page served by http://127.0.0.1 (port 80) opening its socket: Origin and Host agree.
 ORIGIN = (b"origin", b"http://127.0.0.1")
+HOST = (b"host", b"127.0.0.1")
 
 # Redis pub/sub and keys are shared by every database index and every test run on the machine:
 # each run gets its own channel-layer prefix (daphne subprocesses are given the same one).
@@ -116,7 +118,7 @@ def session_cookie(user) -> bytes:
 
 async def open_socket(user, conversation_id, *, origin=ORIGIN):
     """-> (connected, close code, communicator), through the real ASGI stack."""
-    headers = [origin]
+    headers = [HOST, origin]
     if user is not None:
         headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
     communicator = WebsocketCommunicator(
@@ -128,7 +130,7 @@ async def open_socket(user, conversation_id, *, origin=ORIGIN):
 
 async def connect(user, conversation_id, *, origin=ORIGIN) -> WebsocketCommunicator:
     """A websocket through the real ASGI stack (Origin check, session auth, routing)."""
-    headers = [origin]
+    headers = [HOST, origin]
     if user is not None:
         headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
     communicator = WebsocketCommunicator(

@@ -873,11 +873,11 @@ async def test_batch_socket_access(action, role):
     from channels.testing import WebsocketCommunicator
 
     from chatapp.asgi import application
-    from tests.conftest import ORIGIN, session_cookie
+    from tests.conftest import HOST, ORIGIN, session_cookie
 
     world = await database_sync_to_async(build_world)()
     user = world["users"][role]
-    headers = [ORIGIN]
+    headers = [HOST, ORIGIN]
     if user is not None:
         headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
     ws = WebsocketCommunicator(application, f"/ws/batches/{world['batch'].pk}/", headers=headers)

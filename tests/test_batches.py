@@ -20,7 +20,7 @@ from chatapp import tasks
 from chatapp.asgi import application
 from chatapp.batch_runner import batch_run
 from chatapp.models import Batch, BatchItem, ModelConfig, Provider, UsageRecord
-from tests.conftest import ORIGIN, receive_until, session_cookie
+from tests.conftest import HOST, ORIGIN, receive_until, session_cookie
 from tests.factories import team_create, user_create
 from tests.fake_upstream import FakeResponse, error_response, stream_reply
 from tests.image_factories import encode, screenshot
@@ -322,7 +322,7 @@ async def test_socket_streams_progress_and_cancel_stops(fake_upstream):
     batch_id = response.json()["id"]
     cookie = await database_sync_to_async(session_cookie)(user)
     ws = WebsocketCommunicator(
-        application, f"/ws/batches/{batch_id}/", headers=[ORIGIN, (b"cookie", cookie)]
+        application, f"/ws/batches/{batch_id}/", headers=[HOST, ORIGIN, (b"cookie", cookie)]
     )
     connected, _ = await ws.connect()
     assert connected

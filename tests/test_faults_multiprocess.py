@@ -177,7 +177,10 @@ async def open_page(server: Server, user, conversation_id: int, *, timeout: floa
             try:
                 ws = await connect(
                     f"{server.url}/ws/conversations/{conversation_id}/",
-                    additional_headers={"Cookie": cookie, "Origin": "http://127.0.0.1"},
+                    additional_headers={
+                        "Cookie": cookie,
+                        "Origin": f"http://127.0.0.1:{server.port}",
+                    },
                     open_timeout=10,
                 )
                 page = Page(ws)

@@ -85,7 +85,7 @@ async def open_client(server: Server, user, conversation_id: int) -> Client:
     cookie = (await database_sync_to_async(session_cookie)(user)).decode()
     ws = await connect(
         f"{server.url}/ws/conversations/{conversation_id}/",
-        additional_headers={"Cookie": cookie, "Origin": "http://127.0.0.1"},
+        additional_headers={"Cookie": cookie, "Origin": f"http://127.0.0.1:{server.port}"},
         open_timeout=30,
     )
     client = Client(ws)

@@ -64,6 +64,7 @@ here, so a consumer forwards text without re-encoding it per token.
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -338,9 +339,20 @@ async def socket_leave(*, socket, conversation_id: int, user_id: int) -> None:
         log.info("socket leave during a channel-layer outage: %r", exc)
 
 
-async def user_sockets_close(user_id: int) -> None:
-    """Close every open socket of this user, in any process (deactivation)."""
-    await get_channel_layer().group_send(user_group(user_id), {"type": "user.force_close"})
+def session_tag(session_key: str | None) -> str:
+    """A session's name on the wire (the key itself never goes through the channel layer)."""
+    if not session_key:
+        return ""
+    return hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+async def user_sockets_close(user_id: int, *, keep_session: str | None = None) -> None:
+    """Close every open socket of this user, in any process (access ended), except those of
+    the session whose key is `keep_session` (the one that changed its own password)."""
+    await get_channel_layer().group_send(
+        user_group(user_id),
+        {"type": "user.force_close", "keep_session": session_tag(keep_session)},
+    )
 
 
 # ---- running replies ---------------------------------------------------------------------------
