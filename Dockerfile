@@ -33,4 +33,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8000\")}/healthz', timeout=4)"
 
 ENTRYPOINT ["/app/docker/entrypoint.sh"]
-CMD ["sh", "-c", "exec daphne -b \"$HOST\" -p \"$PORT\" --proxy-headers chatapp.asgi:application"]
+# No --proxy-headers: daphne would take the first X-Forwarded-For value, which the client chooses.
+# The app reads the client address itself, trusting only TRUSTED_PROXIES hops (chatapp/guards.py).
+CMD ["sh", "-c", "exec daphne -b \"$HOST\" -p \"$PORT\" chatapp.asgi:application"]

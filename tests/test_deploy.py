@@ -321,3 +321,17 @@ def test_constraints_pin_every_dependency_and_extra_and_the_install_matches():
     # ...and nothing the app or its tests use is left unpinned.
     for name in ("django", "channels", "daphne", "redis", "pytest", "playwright"):
         assert name in pins
+
+
+def test_the_proxy_sets_the_client_address_and_the_image_trusts_only_configured_hops():
+    """nginx replaces X-Forwarded-For (a client cannot add hops of its own) and daphne does not
+    read it (--proxy-headers takes the first, client-chosen value): the app trusts
+    TRUSTED_PROXIES hops only, and compose sets it to its one proxy."""
+    nginx = (ROOT / "docker/nginx.conf").read_text()
+    forwarded = [line.strip() for line in nginx.splitlines() if "X-Forwarded-For" in line]
+    header_lines = [line for line in forwarded if line.startswith("proxy_set_header")]
+    assert header_lines and all(line.endswith("$remote_addr;") for line in header_lines)
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    command = [line for line in dockerfile if line.startswith("CMD")]
+    assert command and "daphne" in command[0] and "--proxy-headers" not in command[0]
+    assert "TRUSTED_PROXIES: ${TRUSTED_PROXIES:-1}" in (ROOT / "compose.yaml").read_text()
