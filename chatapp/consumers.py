@@ -97,10 +97,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.receive_json(content)
         except ClientError as exc:
             await self.send_json(events.frame_error(code=exc.code, message=exc.message))
-        except Http404:  # access lost while connected (e.g. deactivated)
+        except Http404:  # access lost while connected (e.g. deactivated): say so, hang up
             await self.send_json(
                 events.frame_error(code="forbidden", message="You no longer have access.")
             )
+            await self.close(code=CLOSE_FORBIDDEN)
         except Exception:
             log.exception("websocket frame failed")
             await self.send_json(

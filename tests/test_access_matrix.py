@@ -982,3 +982,308 @@ async def test_shared_socket_of_a_revoked_share(role):
     connected, code, _ = await _open_shared(world["users"][role], share_id)
     assert not connected
     assert code == (4401 if role in ("anonymous", "deactivated") else 4403)
+
+
+# ---- the socket's Origin: CSRF's rule (scheme, host and port) ---------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "origin, accepted",
+    [
+        ("http://127.0.0.1", True),  # the page's own origin (Host 127.0.0.1, http)
+        ("http://127.0.0.1:8081", False),  # same host name, another port: another site
+        ("https://127.0.0.1", False),  # same host, another scheme
+        ("http://evil.example", False),
+        ("null", False),
+    ],
+)
+async def test_socket_origin_must_be_the_pages_own(origin, accepted):
+    world = await database_sync_to_async(build_world)()
+    connected, code, ws = await open_socket(
+        world["users"]["owner"], world["conversation"].pk, origin=(b"origin", origin.encode())
+    )
+    assert connected is accepted, origin
+    if connected:
+        await ws.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_socket_origin_may_be_a_csrf_trusted_origin(settings):
+    """Behind a proxy the page's origin is the public one, named in CSRF_TRUSTED_ORIGINS."""
+    settings.CSRF_TRUSTED_ORIGINS = ["https://chat.example.com"]
+    world = await database_sync_to_async(build_world)()
+    owner, pk = world["users"]["owner"], world["conversation"].pk
+    connected, _, ws = await open_socket(owner, pk, origin=(b"origin", b"https://chat.example.com"))
+    assert connected
+    await ws.disconnect()
+    other_port = (b"origin", b"https://chat.example.com:8443")
+    connected, _, _ = await open_socket(owner, pk, origin=other_port)
+    assert not connected
+
+
+# ---- access that ends closes open sockets --------------------------------------------------
+
+# The rule is "within a second"; the wait allows for a loaded machine, never a statement of speed.
+CLOSE_WAIT = 5.0
+
+
+def _form_fields(html: str) -> dict:
+    """The values a browser would submit for the page's main form (inputs, selects, textareas)."""
+    from html.parser import HTMLParser
+
+    fields: dict[str, list[str]] = {}
+
+    class Parser(HTMLParser):
+        select: str | None = None
+        textarea: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            name = a.get("name")
+            if tag == "input" and name:
+                kind = a.get("type", "text")
+                if kind in ("checkbox", "radio") and "checked" not in a:
+                    return
+                if kind in ("submit", "button", "file") or "__prefix__" in name:
+                    return
+                default = "on" if kind in ("checkbox", "radio") else ""
+                fields.setdefault(name, []).append(a.get("value", default))
+            elif tag == "select" and name and "__prefix__" not in name:
+                self.select = name
+                fields.setdefault(name, [])
+            elif tag == "option" and self.select and "selected" in a:
+                fields[self.select].append(a.get("value", ""))
+            elif tag == "textarea" and name:
+                self.textarea = name
+                fields[name] = [""]
+
+        def handle_endtag(self, tag):
+            if tag == "select":
+                self.select = None
+            if tag == "textarea":
+                self.textarea = None
+
+        def handle_data(self, data):
+            if self.textarea:
+                fields[self.textarea][0] += data
+
+    Parser().feed(html)
+    fields.pop("csrfmiddlewaretoken", None)
+    return fields
+
+
+def _staff_client(world) -> Client:
+    client = Client()
+    client.force_login(world["users"]["staff"])
+    return client
+
+
+def _deactivate_by_admin_form(world) -> None:
+    owner = world["users"]["owner"]
+    client = _staff_client(world)
+    url = f"/admin/auth/user/{owner.pk}/change/"
+    data = _form_fields(client.get(url).content.decode())
+    assert data.pop("is_active") == ["on"]  # untick Active, change nothing else
+    response = client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+
+
+def _deactivate_by_admin_action(world) -> None:
+    response = _staff_client(world).post(
+        "/admin/auth/user/",
+        {"action": "deactivate_users", "_selected_action": [world["users"]["owner"].pk]},
+    )
+    assert response.status_code == 302
+
+
+def _deactivate_by_team_page(world) -> None:
+    client = Client()
+    client.force_login(world["users"]["team_admin"])
+    response = client.post(f"/team/members/{world['users']['owner'].pk}/active/", {"active": "0"})
+    assert response.status_code == 302
+
+
+NEW_PASSWORD = "a-new-long-passphrase-91"
+
+
+def _password_changed_by_admin(world) -> None:
+    response = _staff_client(world).post(
+        f"/admin/auth/user/{world['users']['owner'].pk}/password/",
+        {"password1": NEW_PASSWORD, "password2": NEW_PASSWORD, "usable_password": "true"},
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+
+
+def _password_set_by_link(world) -> None:
+    from django.test import RequestFactory
+
+    link = accounts.set_password_link(
+        user=world["users"]["owner"], request=RequestFactory().get("/")
+    )
+    client = Client()
+    form_url = client.get(link.removeprefix("http://testserver"))["Location"]
+    response = client.post(form_url, {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD})
+    assert response.status_code == 302 and "/set-password/done/" in response["Location"]
+
+
+ACCESS_ENDS = {
+    "admin-user-form": _deactivate_by_admin_form,
+    "admin-list-action": _deactivate_by_admin_action,
+    "team-page": _deactivate_by_team_page,
+    "admin-password-change": _password_changed_by_admin,
+    "set-password-link": _password_set_by_link,
+}
+
+
+async def _closed(ws, timeout: float = CLOSE_WAIT) -> int | None:
+    """The close code once the server closes the socket (frames before it are skipped)."""
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while True:
+            output = await ws.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                return output.get("code")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", sorted(ACCESS_ENDS))
+async def test_access_ended_by_any_path_closes_open_sockets(path, fake_upstream):
+    world = await database_sync_to_async(build_world)()
+    owner, pk = world["users"]["owner"], world["conversation"].pk
+    sockets = []
+    for _ in range(2):  # two browsers
+        connected, _, ws = await open_socket(owner, pk)
+        assert connected
+        assert (await ws.receive_json_from())["type"] == "state"
+        sockets.append(ws)
+    await database_sync_to_async(ACCESS_ENDS[path])(world)
+    for ws in sockets:
+        assert await _closed(ws) == 4401
+    requests_before = len(fake_upstream.requests)
+    # The next send finds no way in: the sessions the sockets had are gone or stale.
+    connected, code, _ = await open_socket_with_cookie(
+        await database_sync_to_async(_old_session_cookie)(owner), pk
+    )
+    assert not connected and code == 4401
+    assert len(fake_upstream.requests) == requests_before
+
+
+def _old_session_cookie(user) -> bytes:
+    """A session the user logged in with before the change (as a still-open browser holds)."""
+    from django.contrib.sessions.models import Session
+
+    keys = [
+        s.session_key
+        for s in Session.objects.all()
+        if str(s.get_decoded().get("_auth_user_id")) == str(user.pk)
+    ]
+    # Deactivation deleted them: forge one the way the browser had it (login before the change).
+    if not keys:
+        return b"sessionid=gone"
+    return f"sessionid={keys[0]}".encode()
+
+
+async def open_socket_with_cookie(cookie: bytes, conversation_id: int):
+    from channels.testing import WebsocketCommunicator
+
+    from chatapp.asgi import application
+    from tests.conftest import HOST, ORIGIN
+
+    ws = WebsocketCommunicator(
+        application,
+        f"/ws/conversations/{conversation_id}/",
+        headers=[HOST, ORIGIN, (b"cookie", cookie)],
+    )
+    connected, code = await ws.connect(timeout=10)
+    return connected, code, ws
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_password_change_keeps_the_changing_sessions_socket_and_closes_the_others(
+    fake_upstream,
+):
+    world = await database_sync_to_async(build_world)()
+    staff = world["users"]["staff"]
+    conversation = await database_sync_to_async(conversation_create)(owner=staff)
+
+    def logged_in_client():
+        client = Client()
+        client.force_login(staff)
+        return client
+
+    here = await database_sync_to_async(logged_in_client)()
+    cookie = f"sessionid={here.cookies['sessionid'].value}".encode()
+    connected, _, mine = await open_socket_with_cookie(cookie, conversation.pk)
+    assert connected and (await mine.receive_json_from())["type"] == "state"
+    connected, _, elsewhere = await open_socket(staff, conversation.pk)
+    assert connected and (await elsewhere.receive_json_from())["type"] == "state"
+
+    def change_own_password():
+        response = here.post(
+            "/admin/password_change/",
+            {
+                "old_password": "pw-for-tests-123",
+                "new_password1": NEW_PASSWORD,
+                "new_password2": NEW_PASSWORD,
+            },
+        )
+        assert response.status_code == 302, response.content.decode()[:2000]
+
+    await database_sync_to_async(change_own_password)()
+    assert await _closed(elsewhere) == 4401
+    await mine.send_json_to({"type": "ping"})
+    assert (await receive_until(mine, "pong"))[-1]["type"] == "pong"  # still open, still served
+    await mine.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_socket_left_open_is_refused_at_its_next_send(fake_upstream):
+    """Every send re-reads the owner: a deactivation whose close never arrived (a layer outage)
+    still stops the socket's next send before anything reaches the provider."""
+    world = await database_sync_to_async(build_world)()
+    owner = world["users"]["owner"]
+    connected, _, ws = await open_socket(owner, world["conversation"].pk)
+    assert connected and (await ws.receive_json_from())["type"] == "state"
+    # Deactivated behind the app's back: no close event.
+    await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(
+        is_active=False
+    )
+    requests_before = len(fake_upstream.requests)
+    await ws.send_json_to({"type": "send", "text": "still there?"})
+    assert await _closed(ws) in (4403, 4401)
+    assert len(fake_upstream.requests) == requests_before
+    assert not await Message.objects.filter(content="still there?").aexists()
+
+
+def _leave_team(world) -> None:
+    from chatapp.models import Membership
+
+    Membership.objects.filter(user=world["users"]["owner"], team=world["team"]).delete()
+
+
+def _team_loses_model(world) -> None:
+    from chatapp.models import ModelConfig
+
+    other = ModelConfig.objects.exclude(pk=world["conversation"].model_id).first()
+    world["team"].allowed_models.set([other])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "change, code",
+    [(_leave_team, "not_in_team"), (_team_loses_model, "model_unavailable")],
+    ids=["removed-from-the-conversations-team", "team-loses-the-model"],
+)
+async def test_an_open_socket_rechecks_team_and_model_at_each_send(change, code, fake_upstream):
+    world = await database_sync_to_async(build_world)()
+    connected, _, ws = await open_socket(world["users"]["owner"], world["conversation"].pk)
+    assert connected and (await ws.receive_json_from())["type"] == "state"
+    await database_sync_to_async(change)(world)
+    requests_before = len(fake_upstream.requests)
+    await ws.send_json_to({"type": "send", "text": "one more"})
+    error = (await receive_until(ws, "error"))[-1]
+    assert error["code"] == code
+    assert len(fake_upstream.requests) == requests_before
+    await ws.disconnect()
