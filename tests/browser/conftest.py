@@ -228,14 +228,45 @@ def context(browser, app_server, context_options):
     context.close()
 
 
+CSP_REPORTER = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  console.error(`CSP violation: ${event.effectiveDirective} blocked ${event.blockedURI || "inline"}`
+    + ` at ${event.sourceFile}:${event.lineNumber}`);
+});
+"""
+
+
+def _is_csp_message(text: str) -> bool:
+    return "CSP violation" in text or "Content Security Policy" in text
+
+
+def watch_page(page):
+    """Collect the page's JavaScript errors (page.js_errors) and Content-Security-Policy
+    violations (page.csp_violations: the app's policy is on, Playwright does not bypass it, and
+    each violation is logged to the console by CSP_REPORTER and by Chromium itself)."""
+    page.add_init_script(CSP_REPORTER)
+    page.js_errors = []
+    page.csp_violations = []  # a test that provokes one on purpose clears it
+    page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
+    page.on(
+        "console",
+        lambda msg: page.csp_violations.append(msg.text) if _is_csp_message(msg.text) else None,
+    )
+    return page
+
+
+def assert_page_clean(page) -> None:
+    assert not page.js_errors, f"JavaScript errors on the page: {page.js_errors}"
+    assert not page.csp_violations, (
+        f"Content-Security-Policy violations on the page: {page.csp_violations}"
+    )
+
+
 @pytest.fixture
 def page(context):
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.js_errors = errors
+    page = watch_page(context.new_page())
     yield page
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert_page_clean(page)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from tests.browser.conftest import log_in, screenshot
+from tests.browser.conftest import assert_page_clean, log_in, screenshot, watch_page
 from tests.fake_upstream import error_response, stream_reply
 
 CODE = 'def greet(name):\n    return f"Hello, {name}!"'
@@ -340,7 +340,7 @@ def test_phone_width_375(browser, app_server, upstream):
         base_url=app_server, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True
     )
     context.set_default_timeout(20_000)
-    page = context.new_page()
+    page = watch_page(context.new_page())
     try:
         log_in(page)
         upstream.enqueue(
@@ -367,6 +367,7 @@ def test_phone_width_375(browser, app_server, upstream):
         screenshot(page, "11-phone-375-drawer")
         page.get_by_role("button", name="Close conversations").click()
         expect(sidebar.get_by_role("link", name="New chat")).not_to_be_in_viewport()
+        assert_page_clean(page)
     finally:
         context.close()
 

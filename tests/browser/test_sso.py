@@ -8,7 +8,14 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import TIMEOUT_MS, _free_port, running_app, screenshot
+from tests.browser.conftest import (
+    TIMEOUT_MS,
+    _free_port,
+    assert_page_clean,
+    running_app,
+    screenshot,
+    watch_page,
+)
 from tests.idp import SECRET, IdentityProvider
 
 LABEL = "Acme SSO"
@@ -56,12 +63,10 @@ def sso_page(browser, sso):
     _, base_url = sso
     context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 820})
     context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page = watch_page(context.new_page())
     yield page
     context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert_page_clean(page)
 
 
 def sign_in_at_the_provider(page, login: str) -> None:

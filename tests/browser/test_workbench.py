@@ -17,7 +17,15 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from tests.browser.conftest import SERVER_ENV, TIMEOUT_MS, _manage, log_in, screenshot
+from tests.browser.conftest import (
+    SERVER_ENV,
+    TIMEOUT_MS,
+    _manage,
+    assert_page_clean,
+    log_in,
+    screenshot,
+    watch_page,
+)
 from tests.browser.test_chat_page import last_reply, send
 from tests.fake_upstream import stream_reply
 
@@ -97,14 +105,12 @@ def wire(browser, app_server):
     proxy = RecordingProxy(app_server)
     context = browser.new_context(base_url=proxy.url, viewport={"width": 1280, "height": 820})
     context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page = watch_page(context.new_page())
     log_in(page)
     yield page, proxy
     context.close()
     proxy.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert_page_clean(page)
 
 
 def original_screenshot() -> bytes:
@@ -298,7 +304,7 @@ def test_editor_in_dark_mode_on_a_touch_screen(browser, app_server, upstream):
         has_touch=True,
         is_mobile=True,
     )
-    page = context.new_page()
+    page = watch_page(context.new_page())
     try:
         log_in(page)
         paste(page, original_screenshot(), "phone.png")
@@ -336,6 +342,7 @@ def test_editor_in_dark_mode_on_a_touch_screen(browser, app_server, upstream):
         screenshot(page, "22-editor-dark-touch")
         editor.get_by_role("button", name="Done").tap()
         expect(page.get_by_text(re.compile(r"edited · 800×500"))).to_be_visible()
+        assert_page_clean(page)
     finally:
         context.close()
 
