@@ -178,10 +178,15 @@ def websocket_origin_guard(app):
 
 # ---- request body size ---------------------------------------------------------------------
 
+MB = 1024 * 1024
 # Multipart framing around an uploaded file: boundary lines and part headers.
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = ("/api/attachments/", "/api/attachments/pdf-preview/")
 BATCH_FILES_PATH = "/api/batches/files"
+
+
+def is_upload(method: str, path: str) -> bool:
+    return method == "POST" and (path in UPLOAD_PATHS or path == BATCH_FILES_PATH)
 
 
 def body_limit(method: str, path: str) -> int:
@@ -198,12 +203,14 @@ def body_limit(method: str, path: str) -> int:
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE + MULTIPART_OVERHEAD
 
 
-def _size(limit: int) -> str:
-    return f"{limit / (1024 * 1024):.0f} MB" if limit >= 1024 * 1024 else f"{limit // 1024} KB"
-
-
-def too_large_body(limit: int) -> bytes:
-    message = f"The request is too large; the limit here is {_size(limit)}."
+def too_large_body(limit: int, *, upload: bool) -> bytes:
+    """The 413's JSON, in the words the composer shows (the file limit, not the framing)."""
+    size = limit - MULTIPART_OVERHEAD
+    text = f"{max(1, round(size / 1024))} KB" if size < MB else f"{size / MB:.1f} MB"
+    if upload:
+        message = f"The file is too large; the upload limit is {text}."
+    else:
+        message = f"The request is too large; the limit is {text}."
     return orjson.dumps({"code": "too_large", "message": message})
 
 
@@ -226,7 +233,7 @@ def body_limit_guard(app):
             refused = True
             if started:
                 return
-            body = too_large_body(limit)
+            body = too_large_body(limit, upload=is_upload(scope["method"], scope["path"]))
             await send(
                 {
                     "type": "http.response.start",
@@ -279,6 +286,7 @@ class BodyLimitedRequest(http_protocol.WebRequest):
     route's limit, before the rest is read (the stock class spools all of it to a file)."""
 
     _limit: int | None = None
+    _upload = False
     _received = 0
     _refused = False
 
@@ -291,6 +299,7 @@ class BodyLimitedRequest(http_protocol.WebRequest):
         except UnicodeDecodeError:
             path = ""
         self._limit = body_limit(method, path)
+        self._upload = is_upload(method, path)
         if length is not None and length > self._limit:
             super().gotLength(0)
             self._refuse()
@@ -315,7 +324,7 @@ class BodyLimitedRequest(http_protocol.WebRequest):
         transport = getattr(channel, "transport", None)
         if transport is None:
             return
-        body = too_large_body(self._limit or 0)
+        body = too_large_body(self._limit or 0, upload=self._upload)
         transport.write(
             b"HTTP/1.1 413 Content Too Large\r\n"
             b"Content-Type: application/json\r\n"

@@ -13,6 +13,7 @@ import os
 import random
 import threading
 
+import httpx
 import pytest
 from channels.db import database_sync_to_async
 
@@ -141,6 +142,42 @@ async def test_a_reply_on_one_process_streams_to_the_other_and_stops_from_there(
     assert (row.status, row.content, owner_pid(row)) == ("cancelled", stopped, a.proc.pid)
     await on_a.close()
     await on_b.close()
+
+
+async def test_unticking_active_on_one_process_closes_the_users_sockets_on_both(pair):
+    """The admin's user form, served by A: the user's sockets on A and on B close at once
+    (the close travels through Redis), and a new socket is refused on either."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    from tests.test_access_matrix import _form_fields
+
+    a, b = pair
+    user, conversation = await make_world()
+    staff = await database_sync_to_async(user_create)(is_staff=True, is_superuser=True)
+    on_a = await open_client(a, user, conversation.pk)
+    on_b = await open_client(b, user, conversation.pk)
+    staff_cookie = (await database_sync_to_async(session_cookie)(staff)).decode()
+    url = f"http://127.0.0.1:{a.port}/admin/auth/user/{user.pk}/change/"
+    async with httpx.AsyncClient(headers={"Cookie": staff_cookie}, timeout=60) as http:
+        page = await http.get(url)
+        data = _form_fields(page.text)
+        assert data.pop("is_active") == ["on"]
+        token = page.text.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+        csrf_cookie = page.cookies["csrftoken"]
+        response = await http.post(
+            url,
+            data={**data, "csrfmiddlewaretoken": token},
+            headers={"Cookie": f"{staff_cookie}; csrftoken={csrf_cookie}"},
+        )
+        assert response.status_code == 302, response.text[:2000]
+    for client in (on_a, on_b):
+        with pytest.raises(ConnectionClosed) as closed:
+            await client.until("never", timeout=10)
+        assert closed.value.rcvd.code == 4401
+    for server in (a, b):
+        with pytest.raises((InvalidStatus, ConnectionClosed)):  # refused: 403, or a 4401 close
+            refused = await open_client(server, user, conversation.pk)
+            await refused.until("never", timeout=10)
 
 
 @pytest.mark.parametrize("seed", range(6))
