@@ -255,8 +255,9 @@ def watch_page(page):
     return page
 
 
-def assert_page_clean(page) -> None:
-    assert not page.js_errors, f"JavaScript errors on the page: {page.js_errors}"
+def assert_page_clean(page, *, js_errors: bool = True) -> None:
+    if js_errors:
+        assert not page.js_errors, f"JavaScript errors on the page: {page.js_errors}"
     assert not page.csp_violations, (
         f"Content-Security-Policy violations on the page: {page.csp_violations}"
     )
