@@ -247,3 +247,40 @@ def test_every_page_carries_the_strict_policy(client, django_user_model, path):
     assert set(policy["img-src"].split()) == {"'self'", "data:", "blob:"}
     body = response.content.decode()
     assert "<script>" not in body and " style=" not in body
+
+
+# ---- the socket's Origin behind a TLS proxy ------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("trusted, accepted", [(1, True), (0, False)])
+async def test_https_origin_is_the_pages_own_only_when_a_trusted_proxy_says_https(
+    settings, trusted, accepted
+):
+    """Behind a TLS proxy the page is https://host and the socket reaches daphne as ws://; the
+    proxy's X-Forwarded-Proto makes the two the same origin, but only a trusted proxy's."""
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from tests.conftest import session_cookie
+    from tests.factories import conversation_create, user_create
+
+    settings.TRUSTED_PROXIES = trusted
+    user = await database_sync_to_async(user_create)()
+    conversation = await database_sync_to_async(conversation_create)(owner=user)
+    cookie = await database_sync_to_async(session_cookie)(user)
+    ws = WebsocketCommunicator(
+        application,
+        f"/ws/conversations/{conversation.pk}/",
+        headers=[
+            (b"host", b"127.0.0.1"),
+            (b"origin", b"https://127.0.0.1"),
+            (b"x-forwarded-proto", b"https"),
+            (b"x-forwarded-for", b"203.0.113.7"),
+            (b"cookie", cookie),
+        ],
+    )
+    connected, _ = await ws.connect(timeout=10)
+    assert connected is accepted
+    if connected:
+        await ws.disconnect()
