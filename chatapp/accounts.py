@@ -18,7 +18,7 @@
   password set through a link closes the sockets of every other session (Django's
   password-changed hook, `SocketsClosedOnPasswordChange`, so no path is missed). Leaving a
   team or a team losing a model needs no close: every send re-checks both (teams.send_check),
-  and every socket action re-reads the conversation with its owner's current state.
+  and every send, regeneration and edit re-reads the conversation with its owner's state.
 """
 
 from __future__ import annotations
