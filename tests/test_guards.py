@@ -284,3 +284,19 @@ async def test_https_origin_is_the_pages_own_only_when_a_trusted_proxy_says_http
     assert connected is accepted
     if connected:
         await ws.disconnect()
+
+
+def test_no_template_has_inline_script_handlers_or_styles():
+    """The policy refuses them: an inline <script>, an on…= handler or a style= attribute in a
+    template is dead (or a violation) in the browser. Script and style live in static files."""
+    import re
+
+    inline = re.compile(
+        r"<script(?![^>]*\bsrc=)[^>]*>|\son[a-z]+\s*=|\sstyle\s*=|<style\b|javascript:", re.I
+    )
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0).strip()}"
+        for path in (ROOT / "templates").rglob("*.html")
+        for match in inline.finditer(path.read_text())
+    ]
+    assert not found
