@@ -95,22 +95,24 @@ def _forwarded_for(headers) -> list[str]:
     return [hop for value in values for hop in value.split(",")]
 
 
+FORWARDED_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+
+
 def proxy_guard(app):
     """ASGI wrapper: scope["client"] becomes the client as trusted per TRUSTED_PROXIES."""
 
     async def guarded(scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             headers = scope.get("headers") or []
-            peer, port = (scope.get("client") or ("", 0))[:2]
+            peer = (scope.get("client") or ("",))[0]
             if peer_is_proxy(peer):
                 address = client_address(peer, _forwarded_for(headers))
-                scope = {**scope, "client": (address, 0 if address != peer else port)}
-            else:  # a client talking to us directly may not claim an address or https
-                forwarded = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-                scope = {
-                    **scope,
-                    "headers": [(name, value) for name, value in headers if name not in forwarded],
-                }
+                if address != peer:
+                    scope = {**scope, "client": (address, 0)}
+            elif any(name in FORWARDED_HEADERS for name, _ in headers):
+                # A client talking to us directly may not claim an address or https.
+                kept = [(name, value) for name, value in headers if name not in FORWARDED_HEADERS]
+                scope = {**scope, "headers": kept}
         await app(scope, receive, send)
 
     return guarded
