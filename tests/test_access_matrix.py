@@ -923,9 +923,9 @@ async def _open_shared(user, share_id):
     from channels.testing import WebsocketCommunicator
 
     from chatapp.asgi import application
-    from tests.conftest import ORIGIN, session_cookie
+    from tests.conftest import HOST, ORIGIN, session_cookie
 
-    headers = [ORIGIN]
+    headers = [HOST, ORIGIN]
     if user is not None:
         headers.append((b"cookie", await database_sync_to_async(session_cookie)(user)))
     ws = WebsocketCommunicator(application, f"/ws/shared/{share_id}/", headers=headers)

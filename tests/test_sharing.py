@@ -22,7 +22,7 @@ from chatapp.models import (
     Message,
     StoredImage,
 )
-from tests.conftest import ORIGIN, connect, receive_until, session_cookie
+from tests.conftest import HOST, ORIGIN, connect, receive_until, session_cookie
 from tests.factories import conversation_create, team_create, user_create
 from tests.fake_upstream import stream_reply
 from tests.image_factories import encode, screenshot
@@ -49,7 +49,7 @@ def _client(user) -> Client:
 
 
 async def open_shared(user, share_id: int):
-    headers = [ORIGIN, (b"cookie", await database_sync_to_async(session_cookie)(user))]
+    headers = [HOST, ORIGIN, (b"cookie", await database_sync_to_async(session_cookie)(user))]
     ws = WebsocketCommunicator(application, f"/ws/shared/{share_id}/", headers=headers)
     connected, code = await ws.connect(timeout=10)
     return connected, code, ws

@@ -110,7 +110,7 @@ async def test_a_revoke_on_one_process_closes_the_shared_view_on_the_other(pair,
     # The team mate's shared view, on the other process, follows the reply live.
     viewer_ws = await connect(
         f"{b.url}/ws/shared/{share['id']}/",
-        additional_headers={"Cookie": mate_cookie, "Origin": "http://127.0.0.1"},
+        additional_headers={"Cookie": mate_cookie, "Origin": f"http://127.0.0.1:{b.port}"},
         open_timeout=30,
     )
     viewer = Viewer()
@@ -184,7 +184,7 @@ async def test_shared_views_that_come_and_go_leave_no_subscription_behind(pair, 
     async def watch_once() -> None:
         ws = await connect(
             f"{b.url}/ws/shared/{share['id']}/",
-            additional_headers={"Cookie": mate_cookie, "Origin": "http://127.0.0.1"},
+            additional_headers={"Cookie": mate_cookie, "Origin": f"http://127.0.0.1:{b.port}"},
             open_timeout=30,
         )
         state = json.loads(await asyncio.wait_for(ws.recv(), 30))
