@@ -229,6 +229,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await super().dispatch(message)
 
     async def chat_frame(self, event: dict) -> None:
+        events.layer_heard()
         seq = event.get("seq")
         if seq is not None and seq <= self.attached.get(event["message_id"], 0):
             return  # already in the snapshot this socket was sent

@@ -596,11 +596,21 @@ class _LayerWatch:
             try:
                 await layer_ping(timeout=interval)
             except asyncio.CancelledError:
-                raise
+                if asyncio.current_task().cancelling():
+                    raise  # this watch is being stopped
+                # A CancelledError from inside the layer's client (a lost connection) is a
+                # failed round trip like any other, not the end of the watch.
+                self._set(up=False)
             except Exception:
                 self._set(up=False)
             else:
                 self._set(up=True)
+
+    def heard(self) -> None:
+        """A message for a local socket came through the layer: it is up again, whatever the
+        next round trip says (a page is never left showing "reconnecting" while frames flow)."""
+        if not self.up:
+            self._set(up=True)
 
 
 async def _send_quietly(socket, text: str) -> None:
@@ -623,6 +633,13 @@ def _watch() -> _LayerWatch:
 
 def layer_is_up() -> bool:
     return _watch().up
+
+
+def layer_heard() -> None:
+    """Called for every frame a local socket receives through the layer (a lookup, no more)."""
+    watch = _watches.get(asyncio.get_running_loop())
+    if watch is not None and not watch.up:
+        watch.heard()
 
 
 # ---- shared views (issue 16) -------------------------------------------------------------------
