@@ -16,15 +16,26 @@ from channels_redis.pubsub import (
 )
 from channels_redis.utils import _wrap_close, decode_hosts
 
+# redis-py's asyncio pool (8.x, as pinned) holds at most 100 connections by default and raises
+# MaxConnectionsError past that instead of waiting: at 200 streams the publishes of one process
+# overran it, every overrun counted as a layer failure and its delta was dropped. Publishes wait
+# for one of these slots instead (the pool keeps room for the subscriber and the rest).
+PUBLISH_SLOTS = 64
+
 
 class _ShardConnection(RedisSingleShardConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._publish_slots = asyncio.Semaphore(PUBLISH_SLOTS)
+
     async def publish(self, channel, message):
         redis = self._redis
         if redis is None:
             async with self._lock:
                 self._ensure_redis()
                 redis = self._redis
-        await redis.publish(channel, message)
+        async with self._publish_slots:
+            await redis.publish(channel, message)
 
 
 class _LoopLayer(RedisPubSubLoopLayer):
