@@ -60,6 +60,12 @@ def main() -> None:
         os.replace(tmp, counts_file)
 
     signal.signal(signal.SIGUSR1, dump)
+    if os.environ.get("BENCH_UVLOOP") == "1":  # before daphne makes its loop
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface().run(

@@ -271,7 +271,19 @@ def profile_round(
     log(f"profiling embedded C={args.profile_level} into {svg} ...")
     with open(workdir / "py-spy.log", "ab") as err:
         spy_proc = subprocess.Popen(
-            [spy, "record", "--pid", str(shape.pids[0]), "--output", str(svg), "--rate", "100"],
+            # --gil: only the thread holding the GIL, i.e. where the process's CPU goes (idle
+            # threads of Django's and Channels' pools would otherwise fill most of the picture).
+            [
+                spy,
+                "record",
+                "--gil",
+                "--pid",
+                str(shape.pids[0]),
+                "--output",
+                str(svg),
+                "--rate",
+                "100",
+            ],
             stdout=err,
             stderr=err,
         )

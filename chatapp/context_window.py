@@ -50,7 +50,7 @@ VIDEO_FALLBACK_TOKENS = 30_000
 def text_tokens(text: str) -> int:
     if not text:
         return 0
-    ascii_chars = sum(1 for c in text if c < "\x80")
+    ascii_chars = len(text.encode("ascii", "ignore"))  # in C, not a loop per character
     return math.ceil(ascii_chars / 4) + (len(text) - ascii_chars)
 
 
@@ -118,11 +118,31 @@ def _calibrated(conversation: Conversation, *, before_id: int | None) -> int | N
     return total
 
 
+def _calibrated_from(earlier: list[Message]) -> int | None:
+    """_calibrated over rows already read (every message before the reply, in order)."""
+    for position in range(len(earlier) - 1, -1, -1):
+        last = earlier[position]
+        if last.role == Message.Role.ASSISTANT and (last.prompt_tokens or 0) > 0:
+            total = last.prompt_tokens + text_tokens(last.content) + MESSAGE_OVERHEAD
+            for later in earlier[position + 1 :]:
+                total += text_tokens(later.content) + MESSAGE_OVERHEAD
+            return total
+    return None
+
+
 def estimate_input(
-    conversation: Conversation, messages: list[dict], *, before_id: int | None = None
+    conversation: Conversation,
+    messages: list[dict],
+    *,
+    before_id: int | None = None,
+    earlier: list[Message] | None = None,
 ) -> int:
+    """`earlier`: the messages before the reply, when already read (no query then)."""
     heuristic = estimate_messages(messages)
-    calibrated = _calibrated(conversation, before_id=before_id)
+    if earlier is not None:
+        calibrated = _calibrated_from(earlier)
+    else:
+        calibrated = _calibrated(conversation, before_id=before_id)
     return max(heuristic, calibrated or 0)
 
 
@@ -149,10 +169,15 @@ def check_fits(*, model: ModelConfig, used: int) -> None:
 
 
 def plan_request(
-    *, conversation: Conversation, model: ModelConfig, messages: list[dict], before_id: int
+    *,
+    conversation: Conversation,
+    model: ModelConfig,
+    messages: list[dict],
+    before_id: int,
+    earlier: list[Message] | None = None,
 ) -> Plan:
     """The ChatRequest for a reply, its budget clamped to the window; ClientError if full."""
-    used = estimate_input(conversation, messages, before_id=before_id)
+    used = estimate_input(conversation, messages, before_id=before_id, earlier=earlier)
     check_fits(model=model, used=used)
     wanted = (
         conversation.max_output_tokens
@@ -228,6 +253,34 @@ def context_state(
     }
 
 
+def context_after_reply(reply: Message) -> dict:
+    """context_state right after `reply` ended, from the reply in hand: when the provider
+    reported its prompt size, that calibrates the window with nothing after it, and its cached
+    tokens are the cached prefix, so only the conversation's cache hit rate is read (one
+    statement instead of five). `reply.conversation` (with its model) must be loaded."""
+    conversation = reply.conversation
+    model = conversation.model
+    if model is None or not reply.prompt_tokens:
+        return context_state(conversation)
+    used = reply.prompt_tokens + text_tokens(reply.content) + MESSAGE_OVERHEAD
+    window = model.context_window
+    return {
+        "used": used,
+        "window": window,
+        "percent": round(100 * used / window, 1) if window else 0,
+        "budget": min(
+            conversation.max_output_tokens
+            or model.max_output_tokens
+            or settings.DEFAULT_MAX_OUTPUT_TOKENS,
+            model.max_output_limit or window,
+            max(1, window - used - SAFETY_MARGIN),
+        ),
+        "cache_hit_rate": cache_hit_rate(conversation),
+        "cached_prefix_tokens": reply.cached_tokens or 0,
+        "edit_warning": prefix_loss_warning(reply.cached_tokens or 0),
+    }
+
+
 def prefix_loss_warning(cached_tokens: int) -> str:
     """What to tell someone about to edit an early message or the system prompt: the
     provider's cache matches the request's prefix byte for byte, so the next reply pays full
@@ -239,26 +292,6 @@ def prefix_loss_warning(cached_tokens: int) -> str:
         f"(about {cached_tokens:,} tokens were served from the provider's cache last turn): "
         "the next reply is slower and costs more."
     )
-
-
-def check_send_fits(*, conversation: Conversation, text: str, before_id: int | None = None) -> None:
-    """Before a turn is written: refuse when the stored conversation plus `text` (and the
-    minimum answer) would not fit. Text only; images are counted when the request is built."""
-    model = conversation.model
-    if model is None:
-        return
-    stored = conversation.messages.all()
-    if before_id is not None:
-        stored = stored.filter(id__lt=before_id)
-    used = _calibrated(conversation, before_id=before_id)
-    if used is None:
-        used = sum(
-            text_tokens(c) + MESSAGE_OVERHEAD for c in stored.values_list("content", flat=True)
-        )
-        used += text_tokens(conversation.system_prompt)
-        used += project_prefix_tokens(conversation)
-    used += text_tokens(text) + MESSAGE_OVERHEAD if text else 0
-    check_fits(model=model, used=used)
 
 
 def conversation_set_max_output_tokens(*, conversation: Conversation, value: int) -> None:

@@ -59,19 +59,30 @@ def _lock_idle(conversation: Conversation) -> Conversation:
     return locked
 
 
-def _reply_create(*, conversation: Conversation, model: ModelConfig | None) -> Message:
-    """The empty streaming reply a generation will fill."""
+def _reply_create(
+    *, conversation: Conversation, model: ModelConfig | None, lease: dict | None
+) -> Message:
+    """The empty streaming reply a generation will fill; `lease` (owner, lease_expires_at)
+    claims it for the process that will write it, in the same INSERT."""
     return Message.objects.create(
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Message.Status.STREAMING,
         model=model,
+        **(lease or {}),
     )
 
 
-@transaction.atomic
+# savepoint=False: inside the send hop's transaction (generation._turn_commit) a refusal rolls
+# back the whole turn anyway; a savepoint would only add two statements to every send.
+@transaction.atomic(savepoint=False)
 def turn_start(
-    *, conversation: Conversation, text: str, user=None, attachment_ids: list[int] = ()
+    *,
+    conversation: Conversation,
+    text: str,
+    user=None,
+    attachment_ids: list[int] = (),
+    lease: dict | None = None,
 ) -> tuple[Message, Message]:
     """Commit the user's message (with its images) and an empty streaming reply, before any
     upstream call. A refused attachment rolls everything back."""
@@ -87,7 +98,7 @@ def turn_start(
     )
     # Loaded here so message_to_dict can show them without a query on the event loop.
     prefetch_related_objects([user_message], message_attachments_prefetch())
-    reply = _reply_create(conversation=locked, model=conversation.model)
+    reply = _reply_create(conversation=locked, model=conversation.model, lease=lease)
     fields = ["updated_at"]
     if not locked.title:
         locked.title = title_from_text(text) or (bound[0].filename if bound else "")
@@ -97,21 +108,25 @@ def turn_start(
     return user_message, reply
 
 
-@transaction.atomic
-def turn_regenerate(*, conversation: Conversation, reply_id: int) -> Message:
+@transaction.atomic(savepoint=False)
+def turn_regenerate(
+    *, conversation: Conversation, reply_id: int, lease: dict | None = None
+) -> Message:
     """Replace the last reply (failed, stopped or just unwanted) with a new streaming one."""
     locked = _lock_idle(conversation)
     last = locked.messages.order_by("-id").first()
     if last is None or last.pk != reply_id or last.role != Message.Role.ASSISTANT:
         raise ClientError("not_last", "Only the last reply can be regenerated.")
     last.delete()
-    reply = _reply_create(conversation=locked, model=conversation.model)
+    reply = _reply_create(conversation=locked, model=conversation.model, lease=lease)
     locked.save(update_fields=["updated_at"])
     return reply
 
 
-@transaction.atomic
-def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tuple[Message, Message]:
+@transaction.atomic(savepoint=False)
+def turn_edit(
+    *, conversation: Conversation, message_id: int, text: str, lease: dict | None = None
+) -> tuple[Message, Message]:
     """Change an earlier user message, drop every later turn and start a new reply to it.
 
     The provider's prefix cache is lost from this message on (the page warns before sending).
@@ -125,14 +140,38 @@ def turn_edit(*, conversation: Conversation, message_id: int, text: str) -> tupl
     message.save(update_fields=["content", "updated_at"])
     # Its images stay; loaded here so message_to_dict shows them without a query.
     prefetch_related_objects([message], message_attachments_prefetch())
-    reply = _reply_create(conversation=locked, model=conversation.model)
+    reply = _reply_create(conversation=locked, model=conversation.model, lease=lease)
     locked.save(update_fields=["updated_at"])
     return message, reply
 
 
-def history_for_request(conversation: Conversation, *, before: Message) -> list[dict]:
+def earlier_messages(conversation: Conversation, *, before: Message) -> list[Message]:
+    """Every message before `before`, with what a request and its size estimate need: read
+    once per send (history_for_request and context_window.plan_request share it). A constant
+    number of queries whatever the history's length."""
+    return list(
+        conversation.messages.filter(id__lt=before.id)
+        # "conversation" must be loaded too: the related manager sets it on every row, and a
+        # deferred foreign key would cost one query per message.
+        .only(
+            "conversation",
+            "role",
+            "content",
+            "status",
+            "tool_calls",
+            "reasoning",
+            "reasoning_details",
+            "prompt_tokens",
+        )
+        .prefetch_related(message_attachments_prefetch())
+    )
+
+
+def history_for_request(
+    conversation: Conversation, *, before: Message, earlier: list[Message] | None = None
+) -> list[dict]:
     """The OpenAI message list for a reply: the project's prefix (if any), the system prompt,
-    then every earlier turn as stored.
+    then every earlier turn as stored (`earlier`, from earlier_messages, when already read).
 
     Built the same way every turn, so turn N+1's list starts with turn N's list plus its reply.
     """
@@ -147,22 +186,8 @@ def history_for_request(conversation: Conversation, *, before: Message) -> list[
         conversation.model and (conversation.model.contract or {}).get("echo_reasoning") == "all"
     )
     video = bool(conversation.model and conversation.model.video)
-    # Images: a constant number of queries whatever the history's length.
-    earlier = (
-        conversation.messages.filter(id__lt=before.id)
-        # "conversation" must be loaded too: the related manager sets it on every row, and a
-        # deferred foreign key would cost one query per message.
-        .only(
-            "conversation",
-            "role",
-            "content",
-            "status",
-            "tool_calls",
-            "reasoning",
-            "reasoning_details",
-        )
-        .prefetch_related(message_attachments_prefetch())
-    )
+    if earlier is None:
+        earlier = earlier_messages(conversation, before=before)
     for message in earlier:
         if message.role == Message.Role.ASSISTANT:
             if not message.content and not message.tool_calls:

@@ -33,7 +33,13 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from . import checkpoints, context_window, events, loadmeter, model_catalog, reaper, teams
-from .conversations import history_for_request, turn_edit, turn_regenerate, turn_start
+from .conversations import (
+    earlier_messages,
+    history_for_request,
+    turn_edit,
+    turn_regenerate,
+    turn_start,
+)
 from .errors import ClientError
 from .models import Conversation, Message
 from .pricing import reply_cost
@@ -116,7 +122,7 @@ class Generation:
     # ---- the task ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await database_sync_to_async(reaper.reply_lease_take)(message_id=self.message_id)
+        # The reply row was created with this process's lease (generation._turn_commit).
         listener = asyncio.create_task(self._listen())
         flusher = asyncio.create_task(self._flusher())
         checkpointer = asyncio.create_task(self._checkpointer())
@@ -326,11 +332,12 @@ class Generation:
         self._streaming_done = True
         self._has_pending.set()
         await flusher  # publishing never raises
-        message = await self._save_final_retrying(status, error)
+        saved = await self._save_final_retrying(status, error)
         RUNNING.pop(self.message_id, None)
-        if message is None:
+        if saved is None:
             return
-        await events.reply_end(message=message)
+        message, context = saved
+        await events.reply_end(message=message, context=context)
         log.info(
             "reply conversation=%s message=%s model=%s status=%s prompt=%s cached=%s "
             "completion=%s ttft_ms=%s duration_ms=%d retries=%d",
@@ -352,7 +359,9 @@ class Generation:
             return None
         return int((self.first_token_at - self.started) * 1000)
 
-    async def _save_final_retrying(self, status: str, error: str) -> Message | None:
+    async def _save_final_retrying(
+        self, status: str, error: str
+    ) -> tuple[Message, dict | None] | None:
         """The final save, retried with backoff through a database outage (a failover, a
         restarted pooler). None when the reply is not ours to end any more, or the database
         stayed away too long (the reaper then ends it from its last checkpoint)."""
@@ -360,7 +369,7 @@ class Generation:
         delay = 0.2
         while True:
             try:
-                return await database_sync_to_async(self._save_final)(status, error)
+                return await database_sync_to_async(self._save_final_with_context)(status, error)
             except DatabaseError as exc:
                 if time.monotonic() > deadline:
                     log.error("reply %s: final save abandoned: %r", self.message_id, exc)
@@ -373,7 +382,7 @@ class Generation:
         """Write the terminal state and its usage record in one transaction, only if the reply
         is still streaming under this process (compare-and-set against the reaper)."""
         message = (
-            Message.objects.select_related("model__provider", "conversation")
+            Message.objects.select_related("model__provider", "conversation__model")
             .filter(pk=self.message_id)
             .first()
         )
@@ -437,6 +446,20 @@ class Generation:
             Conversation.objects.filter(pk=self.conversation_id).update(updated_at=now)
         return message
 
+    def _save_final_with_context(
+        self, status: str, error: str
+    ) -> tuple[Message, dict | None] | None:
+        """The final save and, in the same hop, the context meter for the end frame (None if
+        it cannot be computed: the meter must never hold up the end of a reply)."""
+        message = self._save_final(status, error)
+        if message is None:
+            return None
+        try:
+            return message, context_window.context_after_reply(message)
+        except Exception:  # the save is committed: never retry it for the meter's sake
+            log.exception("context meter for reply %s failed", self.message_id)
+            return message, None
+
 
 def retry_delay(attempt: int, retry_after: float | None) -> float:
     """Exponential backoff with full jitter, never shorter than the provider's own hint."""
@@ -447,15 +470,9 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 # ---- entry points for the consumer ---------------------------------------------------------
 
 
-def _admit(
-    *,
-    conversation: Conversation,
-    text: str,
-    before_id: int | None = None,
-    max_output_tokens: int | None = None,
-) -> None:
-    """The gates a new reply passes before its turn is written: a usable model, the context
-    window (text), then budgets. The rate limit comes last, in _turn_commit."""
+def _admit(*, conversation: Conversation, max_output_tokens: int | None = None) -> None:
+    """The gates a new reply passes before its turn is written: a usable model, then budgets.
+    The context window and the rate limit come after the turn, in _turn_commit."""
     model = conversation.model
     if model is not None and not model.available:
         # Retired or gone from the provider's list: say so, and what to continue with (the
@@ -469,8 +486,8 @@ def _admit(
         context_window.conversation_set_max_output_tokens(
             conversation=conversation, value=max_output_tokens
         )
-    # Refuse a conversation about to overflow the window before anything is written.
-    context_window.check_send_fits(conversation=conversation, text=text, before_id=before_id)
+    # The context window is checked by _plan_reply once the turn is written (with its
+    # images), in the same transaction: a turn that does not fit is rolled back whole.
     teams.budget_check(conversation=conversation, user=conversation.owner)
 
 
@@ -481,7 +498,9 @@ def _turn_commit(*, conversation: Conversation, admit: dict, turn, **turn_args):
     the whole turn back, so a refused send leaves no message and its images stay unsent,
     ready for a resend. Returns (turn's result, plan, owner is staff)."""
     _admit(conversation=conversation, **admit)
-    result = turn(conversation=conversation, **turn_args)
+    # The reply is created already claimed by this process (it starts here right after).
+    lease = {"owner": reaper.PROCESS_ID, "lease_expires_at": reaper.lease_deadline()}
+    result = turn(conversation=conversation, lease=lease, **turn_args)
     reply = result[1] if isinstance(result, tuple) else result
     plan = _plan_reply(conversation=conversation, reply=reply)
     teams.rate_limit_check(user=conversation.owner)  # last: a refused send uses no slot
@@ -495,7 +514,7 @@ async def reply_send(
     reply)."""
     (user_message, reply), plan, staff = await database_sync_to_async(_turn_commit)(
         conversation=conversation,
-        admit={"text": text},
+        admit={},
         turn=turn_start,
         text=text,
         user=user,
@@ -512,7 +531,7 @@ async def reply_regenerate(
     larger output budget (kept on the conversation)."""
     reply, plan, staff = await database_sync_to_async(_turn_commit)(
         conversation=conversation,
-        admit={"text": "", "before_id": reply_id, "max_output_tokens": max_output_tokens},
+        admit={"max_output_tokens": max_output_tokens},
         turn=turn_regenerate,
         reply_id=reply_id,
     )
@@ -527,7 +546,7 @@ async def reply_edit(
     # The same gates as a send: the edited turn must fit, and budgets / rate limits apply.
     (message, reply), plan, staff = await database_sync_to_async(_turn_commit)(
         conversation=conversation,
-        admit={"text": text, "before_id": message_id},
+        admit={},
         turn=turn_edit,
         message_id=message_id,
         text=text,
@@ -576,12 +595,14 @@ async def _reply_begin(
 def _plan_reply(*, conversation: Conversation, reply: Message) -> context_window.Plan:
     """History (with the turn's images) -> the clamped request; ClientError when it does not
     fit the window. Run inside the turn's transaction, so a refusal writes nothing."""
-    messages = history_for_request(conversation, before=reply)
+    earlier = earlier_messages(conversation, before=reply)  # read once for both
+    messages = history_for_request(conversation, before=reply, earlier=earlier)
     return context_window.plan_request(
         conversation=conversation,
         model=conversation.model,
         messages=messages,
         before_id=reply.pk,
+        earlier=earlier,
     )
 
 

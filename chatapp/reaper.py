@@ -46,13 +46,6 @@ def lease_deadline() -> datetime:
     return timezone.now() + timedelta(seconds=settings.STREAM_LEASE_SECONDS)
 
 
-def reply_lease_take(*, message_id: int) -> None:
-    """This process now writes the reply."""
-    Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
-        owner=PROCESS_ID, lease_expires_at=lease_deadline()
-    )
-
-
 def replies_reap_expired(*, now: datetime | None = None) -> list[Message]:
     """Mark every streaming reply with an expired lease as interrupted; return them."""
     now = now or timezone.now()

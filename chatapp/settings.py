@@ -222,20 +222,31 @@ else:
         "default": {"BACKEND": "chatapp.events.memory_layer.LocalInMemoryChannelLayer"}
     }
 
-# Login throttling and rate limits count in the cache, so it must be shared by every process:
-# Redis when REDIS_URL is set, else a table in the database, made by `migrate` (the
-# cache_table migration runs `createcachetable`; `start` / `prepare` run it again, for a
-# cache configured after that migration ran).
+# Login throttling counts in the cache, so it must be shared by every process: Redis when
+# REDIS_URL is set, else a table in the database, made by `migrate` (the cache_table migration
+# runs `createcachetable`; `start` / `prepare` run it again, for a cache configured after that
+# migration ran). The per-user send rate limit counts on every send: Redis too in production;
+# in the embedded default (one process: its channel layer is in memory as well) it counts in
+# the process's memory, not in twelve statements of the database cache per send.
 if REDIS_URL:
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        },
+        "rate": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
     }
 else:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.db.DatabaseCache",
             "LOCATION": "chatapp_cache",
-        }
+        },
+        "rate": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "chatapp-rate",
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        },
     }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -398,6 +409,8 @@ DEFAULT_MAX_OUTPUT_TOKENS = env_int("DEFAULT_MAX_OUTPUT_TOKENS", 32_768)
 UPSTREAM_CONNECT_TIMEOUT = env_float("UPSTREAM_CONNECT_TIMEOUT", 10.0)
 # No bytes for this long ends a reply as an error instead of hanging forever.
 UPSTREAM_STALL_TIMEOUT = env_float("UPSTREAM_STALL_TIMEOUT", 120.0)
+# aiohttp (httpx's API over aiohttp's parser: chatapp/providers/transport.py) or httpx.
+UPSTREAM_HTTP_TRANSPORT = os.environ.get("UPSTREAM_HTTP_TRANSPORT", "aiohttp")
 # Deltas are coalesced into one websocket frame per slice (seconds).
 STREAM_FLUSH_INTERVAL = env_float("STREAM_FLUSH_INTERVAL", 0.05)
 # Partial replies are written to the database at most this often (seconds), never per token.

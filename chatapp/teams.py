@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 from django.db import transaction
 from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
@@ -266,6 +266,7 @@ def rate_limit_check(*, user) -> None:
     across a minute boundary still gets the limit, not twice it. A refused request is not
     counted. Concurrent requests can only make the check stricter (each sees the others)."""
     limit = settings.USER_REQUESTS_PER_MINUTE
+    cache = caches["rate"]
     if limit <= 0:
         return
     moment = now().timestamp()

@@ -6,7 +6,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
-from django.core.cache import cache
+from django.core.cache import cache, caches
 from django.test import Client
 
 from chatapp import generation, reaper
@@ -52,7 +52,8 @@ def _test_settings(settings, request, tmp_path):
     if request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
         request.fixturenames
     ):
-        cache.clear()  # login throttling and rate limits count in the (database) cache
+        cache.clear()  # login throttling counts in the (database) cache
+        caches["rate"].clear()  # and the send rate limit in memory (embedded) or Redis
     yield
     for running in list(generation.RUNNING.values()):
         if running.task:

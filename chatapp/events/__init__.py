@@ -253,13 +253,15 @@ async def deliveries_flush(timeout: float) -> None:
         await asyncio.wait(list(_deliveries), timeout=timeout)
 
 
-async def reply_end(*, message) -> None:
-    """Tell every socket on the conversation that this reply ended (at least once)."""
-    try:
-        context = await acontext_for(message.conversation_id)
-    except Exception:  # a database blip: the end matters more than the meter
-        log.exception("context meter for reply %s failed", message.pk)
-        context = None
+async def reply_end(*, message, context: dict | None = None) -> None:
+    """Tell every socket on the conversation that this reply ended (at least once). `context`:
+    the context meter when the caller computed it already (the generation does, in its final
+    save's hop), else it is read here."""
+    if context is None:
+        try:
+            context = await acontext_for(message.conversation_id)
+        except Exception:  # a database blip: the end matters more than the meter
+            log.exception("context meter for reply %s failed", message.pk)
     await deliver(message.conversation_id, frame_reply_end(message=message, context=context))
 
 

@@ -12,6 +12,7 @@ from .demo import DemoClient
 from .moonshot import MoonshotClient
 from .openai_batches import OpenAIBatchClient
 from .openai_compat import OpenAICompatClient
+from .transport import transport as upstream_transport
 from .workers_ai import WorkersAIBatchClient, WorkersAIClient
 
 CLIENT_CLASSES: dict[str, type[OpenAICompatClient]] = {
@@ -34,7 +35,12 @@ def _http_client() -> httpx.AsyncClient:
         pool=30.0,
     )
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        follow_redirects=False,
+        transport=upstream_transport(limits=limits),
+    )
 
 
 def client_for(*, kind: str, base_url: str, api_key: str, name: str = "") -> ProviderClient:
