@@ -44,7 +44,15 @@ def table(results: dict) -> str:
     p = results["params"]
     lines = [
         f"Run {results['date']} on {results['machine']['cpus']} CPUs "
-        f"(load average {results['machine']['load_avg_start'][0]:.1f} at start); "
+        f"(load average {results['machine']['load_avg_start'][0]:.1f} at start"
+        + (
+            f"; every server process on CPU {','.join(map(str, results['machine']['server_cpus']))}, "
+            f"the fake upstream and the load generator on CPU "
+            f"{','.join(map(str, results['machine']['harness_cpus']))}"
+            if results["machine"].get("server_cpus")
+            else ""
+        )
+        + "); "
         f"R = {p['rate']:g} tokens/s per stream, T = {p['tokens']} tokens, upstream TTFT {p['ttft']:g} s, "
         f"{p.get('messages', 1)} messages per user (create the conversation, open the socket, "
         "send, wait for the end, send again)"

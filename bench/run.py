@@ -80,15 +80,43 @@ class Shape:
         return total
 
 
+def _split_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, harness CPUs): every server process (relay or app, one or two of them)
+    shares the first CPU, as the targets are stated for one core; the fake upstream and the
+    load generator get the rest. None, None on a one-CPU machine (nothing pinned)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+SERVER_CPUS, HARNESS_CPUS = _split_cpus()
+
+
+def pinned(cpus: set[int] | None):
+    """preexec_fn for Popen: run the child on these CPUs (None: anywhere)."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def log(*parts) -> None:
     print("[bench]", *parts, file=sys.stderr, flush=True)
 
 
-def start_printing_port(argv: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, int]:
+def start_printing_port(
+    argv: list[str], env: dict, log_path: Path, *, cpus: set[int] | None
+) -> tuple[subprocess.Popen, int]:
     """Start a helper that prints its port as its first line."""
     with open(log_path, "ab") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            preexec_fn=pinned(cpus),
         )
     line = proc.stdout.readline()
     if not line.strip().isdigit():
@@ -166,6 +194,7 @@ def start_app(shape: Shape, *, processes: int, env: dict, workdir: Path, total: 
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=pinned(SERVER_CPUS),
             )
         shape.procs.append(proc)
         shape.ports.append(port)
@@ -208,6 +237,7 @@ def run_round(
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            preexec_fn=pinned(HARNESS_CPUS),
         )
     try:
         ready = json.loads(gen.stdout.readline() or "{}")
@@ -379,7 +409,12 @@ def main(argv=None) -> dict:
     shapes: dict[str, Shape] = {}
     results: dict = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_start": os.getloadavg(),
+            "server_cpus": sorted(SERVER_CPUS or ()),
+            "harness_cpus": sorted(HARNESS_CPUS or ()),
+        },
         "params": {
             "levels": levels,
             "messages": args.messages,
@@ -407,6 +442,7 @@ def main(argv=None) -> dict:
             ],
             base_env,
             workdir / "upstream.log",
+            cpus=HARNESS_CPUS,
         )
         procs.append(upstream)
         up_url = f"http://127.0.0.1:{up_port}/v1"
@@ -427,6 +463,7 @@ def main(argv=None) -> dict:
                 [PY, "-m", f"bench.{relay}", "--upstream", up_url],
                 base_env,
                 workdir / f"{relay}.log",
+                cpus=SERVER_CPUS,
             )
             shape.procs.append(proc)
             shape.ports.append(port)

@@ -13,13 +13,13 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatapp.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (after setup)
 
 from .guards import (  # noqa: E402
     body_limit_guard,
     install_daphne_body_limit,
     proxy_guard,
+    socket_auth_stack,
     websocket_origin_guard,
 )
 from .reaper import with_reaper  # noqa: E402
@@ -33,7 +33,7 @@ application = with_batch_worker(
                 {
                     "http": body_limit_guard(django_asgi_app),
                     "websocket": websocket_origin_guard(
-                        AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+                        socket_auth_stack(URLRouter(websocket_urlpatterns))
                     ),
                 }
             )

@@ -248,8 +248,10 @@ class Runner:
         }
 
     async def _run_item(self, item: BatchItem) -> None:
-        await self._publish_item(item.pk)  # "running"
         try:
+            # Inside the try: a cancel that lands while "running" is being published must
+            # release the item too, or it stays running in a cancelled batch.
+            await self._publish_item(item.pk)  # "running"
             result = await self._answer(item)
         except asyncio.CancelledError:
             released = await database_sync_to_async(batches.item_release)(

@@ -11,14 +11,15 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 
-from . import batches, context_window, events, generation
+from . import batches, events, generation
 from .access import (
     batch_get_for_user,
     conversation_get_for_user,
     model_get_for_user,
     share_get_for_viewer,
 )
-from .conversations import conversation_set_model, last_reply
+from .conversations import conversation_set_model
+from .dbreads import read_off_loop
 from .errors import ClientError
 from .models import Batch
 
@@ -52,7 +53,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         try:
-            self.conversation = await database_sync_to_async(conversation_get_for_user)(
+            # On the read threads: opening a socket does not queue behind other sockets' sends.
+            self.conversation = await read_off_loop(conversation_get_for_user)(
                 user, self.scope["url_route"]["kwargs"]["conversation_id"]
             )
         except Http404:
@@ -207,14 +209,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(events.frame_pong())
 
     async def send_state(self) -> None:
-        state = await generation.reply_state(conversation=self.conversation)
-        last = None
+        # A reply may have ended while this socket was away: `last` is then its final form.
+        state, last, context = await generation.socket_state(conversation=self.conversation)
         if state is not None:
             self.attached[state["message_id"]] = state["seq"]
-        else:
-            # A reply may have ended while this socket was away: send its final form.
-            last = await database_sync_to_async(last_reply)(self.conversation)
-        context = await context_window.acontext_for(self.conversation.pk)
         await self.send_json(events.frame_state(reply=state, context=context, last=last))
 
     # ---- channel-layer events ----------------------------------------------------------------

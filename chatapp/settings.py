@@ -155,6 +155,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "chatapp.guards.ContentSecurityPolicyMiddleware",
+    # Last: the chain above runs in one thread per request (see its docstring).
+    "chatapp.guards.OneThreadPerRequest",
 ]
 
 ROOT_URLCONF = "chatapp.urls"
@@ -196,6 +198,10 @@ else:
             # and deletes the WAL, and with per-call connections that was most of the database
             # thread's time under load (measured: 200 streams).
             "CONN_MAX_AGE": None,
+            # Tests on a file too, not SQLite's shared-cache memory database, whose table locks
+            # refuse a read beside a write at once: the socket reads run on threads of their
+            # own beside the writer (chatapp/dbreads.py), which WAL allows on a file.
+            "TEST": {"NAME": str(SQLITE_PATH.with_name("test-" + SQLITE_PATH.name))},
         }
     }
 

@@ -27,7 +27,6 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 
-import av
 from PIL import Image, ImageChops, ImageStat
 
 from . import images
@@ -93,6 +92,8 @@ def is_video(data: bytes) -> bool:
 
 
 def _open(data: bytes, max_pixels: int):
+    import av  # on first use: PyAV and its FFmpeg libraries add ~18 MB to a process
+
     unreadable = VideoError(
         f"The recording could not be read; it may be truncated or corrupt. Please attach a "
         f"complete {ACCEPTED_TYPES_TEXT} file."
@@ -123,6 +124,8 @@ def _open(data: bytes, max_pixels: int):
 
 
 def _duration(container, stream) -> float:
+    import av
+
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration:
@@ -148,6 +151,8 @@ class _Encoder:
     be read from the first kilobytes: context_window does) rewrites the file at the end."""
 
     def __init__(self, *, fps: float, width: int, height: int, crf: str) -> None:
+        import av
+
         self.directory = tempfile.TemporaryDirectory(prefix="kimichat-video-")
         self.path = os.path.join(self.directory.name, "out.mp4")
         self.size = (width, height)
@@ -161,6 +166,8 @@ class _Encoder:
         self.count = 0
 
     def add(self, image: Image.Image) -> None:
+        import av
+
         if image.size != self.size:
             image = image.resize(self.size, Image.Resampling.BILINEAR)
         frame = av.VideoFrame.from_image(image)
@@ -180,6 +187,8 @@ class _Encoder:
             self.directory.cleanup()
 
     def abandon(self) -> None:
+        import av
+
         with contextlib.suppress(av.FFmpegError):
             self.output.close()
         self.directory.cleanup()
@@ -189,6 +198,8 @@ def _pass(data: bytes, *, max_seconds, fps, max_pixels, max_edge, rung, max_fram
     """Decode once up to max_seconds at `fps`, encoding as it goes; collects the key frames
     (at most max_frames + 1 full frames are ever held). -> (format, source seconds, source
     size, sent seconds, mp4 bytes, (width, height), key frames)."""
+    import av
+
     container, stream, fmt = _open(data, max_pixels)
     stream.thread_type = "AUTO"
     source_seconds = _duration(container, stream)
