@@ -36,14 +36,23 @@ _meters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Meter]" = (
 )
 
 
+# The last loop asked about and its meter: a process has one loop, and this is read before every
+# frame of every reply, so the common case skips the weak-keyed lookup.
+_last: tuple[asyncio.AbstractEventLoop | None, _Meter | None] = (None, None)
+
+
 def loop_lag() -> float:
     """The running loop's smoothed lag in seconds (starts measuring on first use)."""
+    global _last
     loop = asyncio.get_running_loop()
-    meter = _meters.get(loop)
-    if meter is None:
-        meter = _meters[loop] = _Meter()
-    if meter.task is None or meter.task.done():
-        meter.task = loop.create_task(meter._run(), name="loop-lag-meter")
+    cached_loop, meter = _last
+    if cached_loop is not loop or meter is None or meter.task is None or meter.task.done():
+        meter = _meters.get(loop)
+        if meter is None:
+            meter = _meters[loop] = _Meter()
+        if meter.task is None or meter.task.done():
+            meter.task = loop.create_task(meter._run(), name="loop-lag-meter")
+        _last = (loop, meter)
     return meter.lag
 
 

@@ -582,9 +582,11 @@ class _LayerWatch:
                 self.task = asyncio.get_running_loop().create_task(self._run(), name="layer-watch")
 
     def _set(self, *, up: bool) -> None:
+        global _watches_down
         if up == self.up:
             return
         self.up = up
+        _watches_down += -1 if up else 1
         if up:
             log.warning("channel layer is back")
         text = encode(frame_layer(up=up))
@@ -623,6 +625,9 @@ async def _send_quietly(socket, text: str) -> None:
 _watches: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LayerWatch]" = (
     weakref.WeakKeyDictionary()
 )
+# How many watches (one per event loop) see their layer down: layer_heard runs for every frame
+# every socket receives, and while this is 0 it reads one global and returns.
+_watches_down = 0
 
 
 def _watch() -> _LayerWatch:
@@ -638,7 +643,9 @@ def layer_is_up() -> bool:
 
 
 def layer_heard() -> None:
-    """Called for every frame a local socket receives through the layer (a lookup, no more)."""
+    """Called for every frame a local socket receives through the layer."""
+    if not _watches_down:
+        return
     watch = _watches.get(asyncio.get_running_loop())
     if watch is not None and not watch.up:
         watch.heard()

@@ -30,6 +30,22 @@ class LocalInMemoryChannelLayer(InMemoryChannelLayer):
         if now >= self._next_sweep:
             self._next_sweep = now + self.sweep_interval
             super()._clean_expired()
+            # receive keeps a channel's queue between messages: drop the idle ones here.
+            for channel, queue in list(self.channels.items()):
+                if queue.empty() and not queue._getters:
+                    del self.channels[channel]
+
+    async def receive(self, channel: str) -> dict:
+        """As Channels' receive, but the channel's queue stays between messages: Channels drops
+        it whenever it runs empty and makes a new one (capacity lookup included) for the next
+        message, which for a socket receiving a reply's frames was once per frame."""
+        self.require_valid_channel_name(channel)
+        self._clean_expired()
+        queue = self.channels.get(channel)
+        if queue is None:
+            queue = self.channels[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+        _, message = await queue.get()
+        return message
 
     async def group_send(self, group: str, message: dict) -> None:
         assert isinstance(message, dict), "Message is not a dict"
