@@ -68,9 +68,9 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     from daphne.cli import CommandLineInterface
 
-    CommandLineInterface().run(
-        ["-b", "127.0.0.1", "-p", port, "--verbosity", "0", "chatapp.asgi:application"]
-    )
+    from chatapp.serving import daphne_args
+
+    CommandLineInterface().run(["--verbosity", "0", *daphne_args("127.0.0.1", int(port))])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
+from chatapp.serving import daphne_args
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,7 +96,7 @@ class Server(AppProcess):
 
     def __init__(self, name: str, env: dict[str, str]) -> None:
         self.port = free_port()
-        argv = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "chatapp.asgi:application"]
+        argv = ["-m", "daphne", *daphne_args("127.0.0.1", self.port)]
         super().__init__(f"daphne-{name}", argv, env)
 
     @property

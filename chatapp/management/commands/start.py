@@ -6,13 +6,13 @@ import os
 import secrets
 import sys
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from chatapp.model_catalog import catalog_sync
 from chatapp.oidc import provider_seed_from_env
+from chatapp.serving import daphne_args
 
 
 class Command(BaseCommand):
@@ -38,8 +38,7 @@ class Command(BaseCommand):
         # One batch worker inside this server process (chatapp/tasks.py), unless a separate
         # `manage.py batch_worker` is run instead (BATCH_WORKER=external).
         os.environ.setdefault("BATCH_WORKER", "embedded")
-        argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port)]
-        argv.append(settings.ASGI_APPLICATION.replace(".application", ":application"))
+        argv = [sys.executable, "-m", "daphne", *daphne_args(host, port)]
         os.execv(sys.executable, argv)
 
     def ensure_admin(self) -> None:
