@@ -35,6 +35,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 ENTRYPOINT ["/app/docker/entrypoint.sh"]
 # No --proxy-headers: daphne would take the first X-Forwarded-For value, which the client chooses.
 # The app reads the client address itself, trusting only TRUSTED_PROXIES hops (chatapp/guards.py).
-# A listen backlog of 1024, not Twisted's 50 (chatapp/serving.py says why). An IPv6 HOST needs
-# its colons escaped here (\:\:).
-CMD ["sh", "-c", "exec daphne -e \"tcp:port=$PORT:interface=$HOST:backlog=1024\" chatapp.asgi:application"]
+# A listen backlog of 1024 and 30 s for a websocket handshake, not daphne's 50 and 5 s
+# (chatapp/serving.py says why). An IPv6 HOST needs its colons escaped here (\:\:).
+CMD ["sh", "-c", "exec daphne -e \"tcp:port=$PORT:interface=$HOST:backlog=1024\" --websocket_connect_timeout 30 chatapp.asgi:application"]
