@@ -101,49 +101,40 @@ def estimate_messages(messages: list[dict]) -> int:
     return total
 
 
-def _calibrated(conversation: Conversation, *, before_id: int | None) -> int | None:
-    """The last reply's real prompt size plus what came after it (text only), or None."""
-    replies = conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
-    if before_id is not None:
-        replies = replies.filter(id__lt=before_id)
-    last = replies.order_by("-id").only("id", "prompt_tokens", "content").first()
+def _calibration(prompt_tokens: int, content: str, later: list[str]) -> int:
+    """The last reply's real prompt size, its own text, and the text of what came after it."""
+    total = prompt_tokens + text_tokens(content) + MESSAGE_OVERHEAD
+    return total + sum(text_tokens(text) + MESSAGE_OVERHEAD for text in later)
+
+
+def _calibrated(conversation: Conversation) -> int | None:
+    """_calibration from the database (two small reads), or None before any measured reply."""
+    last = (
+        conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
+        .order_by("-id")
+        .only("id", "prompt_tokens", "content")
+        .first()
+    )
     if last is None:
         return None
-    after = conversation.messages.filter(id__gt=last.id)
-    if before_id is not None:
-        after = after.filter(id__lt=before_id)
-    total = last.prompt_tokens + text_tokens(last.content) + MESSAGE_OVERHEAD
-    for content in after.values_list("content", flat=True):
-        total += text_tokens(content) + MESSAGE_OVERHEAD
-    return total
+    after = conversation.messages.filter(id__gt=last.id).values_list("content", flat=True)
+    return _calibration(last.prompt_tokens, last.content, list(after))
 
 
 def _calibrated_from(earlier: list[Message]) -> int | None:
-    """_calibrated over rows already read (every message before the reply, in order)."""
+    """_calibration over rows already read (every message before the reply, in order)."""
     for position in range(len(earlier) - 1, -1, -1):
         last = earlier[position]
         if last.role == Message.Role.ASSISTANT and (last.prompt_tokens or 0) > 0:
-            total = last.prompt_tokens + text_tokens(last.content) + MESSAGE_OVERHEAD
-            for later in earlier[position + 1 :]:
-                total += text_tokens(later.content) + MESSAGE_OVERHEAD
-            return total
+            later = [message.content for message in earlier[position + 1 :]]
+            return _calibration(last.prompt_tokens, last.content, later)
     return None
 
 
-def estimate_input(
-    conversation: Conversation,
-    messages: list[dict],
-    *,
-    before_id: int | None = None,
-    earlier: list[Message] | None = None,
-) -> int:
-    """`earlier`: the messages before the reply, when already read (no query then)."""
-    heuristic = estimate_messages(messages)
-    if earlier is not None:
-        calibrated = _calibrated_from(earlier)
-    else:
-        calibrated = _calibrated(conversation, before_id=before_id)
-    return max(heuristic, calibrated or 0)
+def estimate_input(messages: list[dict], *, earlier: list[Message]) -> int:
+    """The request's input size: the heuristic, or the calibration by the last measured reply
+    among `earlier` (the messages before the reply) when that is larger."""
+    return max(estimate_messages(messages), _calibrated_from(earlier) or 0)
 
 
 @dataclass
@@ -173,11 +164,11 @@ def plan_request(
     conversation: Conversation,
     model: ModelConfig,
     messages: list[dict],
-    before_id: int,
-    earlier: list[Message] | None = None,
+    earlier: list[Message],
 ) -> Plan:
-    """The ChatRequest for a reply, its budget clamped to the window; ClientError if full."""
-    used = estimate_input(conversation, messages, before_id=before_id, earlier=earlier)
+    """The ChatRequest for a reply, its budget clamped to the window; ClientError if full.
+    `earlier`: the messages before the reply, as read for `messages`."""
+    used = estimate_input(messages, earlier=earlier)
     check_fits(model=model, used=used)
     wanted = (
         conversation.max_output_tokens
@@ -213,13 +204,14 @@ def cache_hit_rate(conversation: Conversation) -> float | None:
 
 
 def context_state(
-    conversation: Conversation, *, used: int | None = None, budget: int | None = None
+    conversation: Conversation, *, used: int | None = None, cached_prefix: int | None = None
 ) -> dict:
-    """How full the window is, for the page (`context` frames and the page data)."""
+    """How full the window is, for the page (`context` frames and the page data). `used` and
+    `cached_prefix` (the last reply's cached tokens), when known already, are not read again."""
     model = conversation.model
     window = model.context_window if model else 0
     if used is None:
-        used = _calibrated(conversation, before_id=None)
+        used = _calibrated(conversation)
         if used is None:
             used = sum(
                 text_tokens(c) + MESSAGE_OVERHEAD
@@ -228,7 +220,8 @@ def context_state(
             if conversation.system_prompt:
                 used += text_tokens(conversation.system_prompt) + MESSAGE_OVERHEAD
             used += project_prefix_tokens(conversation)
-    if budget is None and model is not None:
+    budget = None
+    if model is not None:
         budget = min(
             conversation.max_output_tokens
             or model.max_output_tokens
@@ -236,12 +229,13 @@ def context_state(
             model.max_output_limit or window,
             max(1, window - used - SAFETY_MARGIN),
         )
-    cached_prefix = (
-        conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
-        .order_by("-id")
-        .values_list("cached_tokens", flat=True)
-        .first()
-    )
+    if cached_prefix is None:
+        cached_prefix = (
+            conversation.messages.filter(role=Message.Role.ASSISTANT, prompt_tokens__gt=0)
+            .order_by("-id")
+            .values_list("cached_tokens", flat=True)
+            .first()
+        )
     return {
         "used": used,
         "window": window,
@@ -259,26 +253,13 @@ def context_after_reply(reply: Message) -> dict:
     tokens are the cached prefix, so only the conversation's cache hit rate is read (one
     statement instead of five). `reply.conversation` (with its model) must be loaded."""
     conversation = reply.conversation
-    model = conversation.model
-    if model is None or not reply.prompt_tokens:
+    if conversation.model is None or not reply.prompt_tokens:
         return context_state(conversation)
-    used = reply.prompt_tokens + text_tokens(reply.content) + MESSAGE_OVERHEAD
-    window = model.context_window
-    return {
-        "used": used,
-        "window": window,
-        "percent": round(100 * used / window, 1) if window else 0,
-        "budget": min(
-            conversation.max_output_tokens
-            or model.max_output_tokens
-            or settings.DEFAULT_MAX_OUTPUT_TOKENS,
-            model.max_output_limit or window,
-            max(1, window - used - SAFETY_MARGIN),
-        ),
-        "cache_hit_rate": cache_hit_rate(conversation),
-        "cached_prefix_tokens": reply.cached_tokens or 0,
-        "edit_warning": prefix_loss_warning(reply.cached_tokens or 0),
-    }
+    return context_state(
+        conversation,
+        used=_calibration(reply.prompt_tokens, reply.content, []),
+        cached_prefix=reply.cached_tokens or 0,
+    )
 
 
 def prefix_loss_warning(cached_tokens: int) -> str:

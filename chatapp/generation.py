@@ -642,7 +642,6 @@ def _plan_reply(*, conversation: Conversation, reply: Message) -> context_window
         conversation=conversation,
         model=conversation.model,
         messages=messages,
-        before_id=reply.pk,
         earlier=earlier,
     )
 
@@ -684,12 +683,6 @@ async def socket_state(*, conversation: Conversation) -> tuple[dict | None, Mess
     if state is None:  # it ended since the read: its final form
         last = await read_off_loop(last_reply)(conversation)
     return state, last, context
-
-
-async def reply_state(*, conversation: Conversation) -> dict | None:
-    """The running reply's text so far with its seq, or None when nothing is streaming."""
-    streaming, _, _ = await socket_state(conversation=conversation)
-    return streaming
 
 
 async def _running_state(row: Message) -> dict | None:
