@@ -14,6 +14,7 @@ import pytest
 
 from chatapp.asgi import application
 from chatapp.guards import client_address
+from chatapp.serving import daphne_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,16 +121,7 @@ def daphne_server(tmp_path_factory):
     )
     log = open(tmp / "daphne.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "chatapp.asgi:application",
-        ],
+        [sys.executable, "-m", "daphne", *daphne_args("127.0.0.1", port)],
         env=env,
         cwd=ROOT,
         stdout=log,

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from chatapp.serving import daphne_args
+
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -123,16 +125,7 @@ def running_app(extra_env: dict, *, port: int | None = None, setup: str = "", na
     port = port or _free_port()
     log = open(tmp / "daphne.log", "wb")  # noqa: SIM115 (kept open for the server's life)
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "chatapp.asgi:application",
-        ],
+        [sys.executable, "-m", "daphne", *daphne_args("127.0.0.1", port)],
         env=env,
         cwd=ROOT,
         stdout=log,
