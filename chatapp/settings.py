@@ -235,13 +235,8 @@ else:
 # in the embedded default (one process: its channel layer is in memory as well) it counts in
 # the process's memory, not in twelve statements of the database cache per send.
 if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-        },
-        "rate": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
-    }
+    _redis_cache = {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    CACHES = {"default": _redis_cache, "rate": _redis_cache}
 else:
     CACHES = {
         "default": {
@@ -416,7 +411,7 @@ UPSTREAM_CONNECT_TIMEOUT = env_float("UPSTREAM_CONNECT_TIMEOUT", 10.0)
 # No bytes for this long ends a reply as an error instead of hanging forever.
 UPSTREAM_STALL_TIMEOUT = env_float("UPSTREAM_STALL_TIMEOUT", 120.0)
 # aiohttp (httpx's API over aiohttp's parser: chatapp/providers/transport.py) or httpx.
-UPSTREAM_HTTP_TRANSPORT = os.environ.get("UPSTREAM_HTTP_TRANSPORT", "aiohttp")
+UPSTREAM_HTTP_TRANSPORT = env_str("UPSTREAM_HTTP_TRANSPORT", "aiohttp")
 # Deltas are coalesced into one websocket frame per slice (seconds).
 STREAM_FLUSH_INTERVAL = env_float("STREAM_FLUSH_INTERVAL", 0.05)
 # Partial replies are written to the database at most this often (seconds), never per token.

@@ -266,9 +266,9 @@ def rate_limit_check(*, user) -> None:
     across a minute boundary still gets the limit, not twice it. A refused request is not
     counted. Concurrent requests can only make the check stricter (each sees the others)."""
     limit = settings.USER_REQUESTS_PER_MINUTE
-    cache = caches["rate"]
     if limit <= 0:
         return
+    cache = caches["rate"]
     moment = now().timestamp()
     second = int(moment)
     current = _rate_key(user.pk, second)

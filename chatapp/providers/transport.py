@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import httpx
+from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
 # Most specific first: the first class the original error is an instance of wins.
@@ -78,8 +79,6 @@ class UpstreamTransport(AiohttpTransport):
 
 def transport(*, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     """The transport for a new upstream client (None: httpx's default)."""
-    from django.conf import settings
-
     if settings.UPSTREAM_HTTP_TRANSPORT == "httpx":
         return None
     return UpstreamTransport(limits=limits)
